@@ -1,0 +1,357 @@
+"""The schema of a run, in one place: YAML/JSON file + dotted overrides -> a validated RunConfig.
+
+Every way a config can be wrong ends in one ConfigError that names the dotted key, the value
+and what is allowed, so a user never reads a pydantic or YAML traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lockstep.errors import ConfigError
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ModelConfig(Section):
+    path: str = Field("builtin:tiny", min_length=1)
+    """`builtin:tiny`, a local Hugging Face folder, or a hub id."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+
+
+class FinetuneConfig(Section):
+    method: Literal["full"] = "full"
+
+
+class DatasetConfig(Section):
+    path: str = Field(min_length=1)
+    format: Literal["alpaca", "messages"] = "alpaca"
+
+
+class DataConfig(Section):
+    train: list[DatasetConfig] = Field(min_length=1)
+    max_length: Annotated[int, Field(ge=8, le=1_048_576)] = 512
+
+
+class BatchConfig(Section):
+    global_size: PosInt = 16
+    """Samples per optimizer step, over all processes."""
+    micro_size: PosInt = 4
+    """Samples per forward pass on one device."""
+
+
+class TrainConfig(Section):
+    epochs: PosInt = 1
+    max_steps: PosInt | None = None
+    """Stop after this many optimizer steps (None: run all epochs)."""
+
+
+class OptimConfig(Section):
+    lr: Annotated[FiniteFloat, Field(gt=0, le=10)] = 1e-4
+    weight_decay: Annotated[FiniteFloat, Field(ge=0)] = 0.0
+    betas: tuple[
+        Annotated[FiniteFloat, Field(ge=0, lt=1)], Annotated[FiniteFloat, Field(ge=0, lt=1)]
+    ] = (0.9, 0.999)
+    eps: Annotated[FiniteFloat, Field(gt=0)] = 1e-8
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: NonNegInt = 0
+    min_lr_ratio: Annotated[FiniteFloat, Field(ge=0, le=1)] = 0.0
+    grad_clip: Annotated[FiniteFloat, Field(gt=0)] | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
+
+
+class CheckpointConfig(Section):
+    every_steps: PosInt | None = None
+
+
+class LogConfig(Section):
+    every_steps: PosInt = 1
+
+
+class RunConfig(Section):
+    output_dir: str = Field("runs/lockstep", min_length=1)
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+    """None: rank 0 draws one at start-up and every rank uses it."""
+    model: ModelConfig = ModelConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    data: DataConfig
+    batch: BatchConfig = BatchConfig()
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _no_bool_seed(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected an integer or null")
+        return v
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys: a silently overwritten key is a lost setting."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "found an unhashable key", key_node.start_mark
+            ) from None
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key]})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_text(text: str, source: str) -> Any:
+    """Parse YAML (JSON is accepted too); errors name the source and line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = e.problem or e.context or "invalid YAML"
+        raise ConfigError(f"{where}: {problem} (not valid YAML)") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(f"{source}: cannot parse: {e}") from None
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        hint = " (it is a folder)" if p.is_dir() else ""
+        raise ConfigError(f"config file {str(p)!r} not found{hint} (looked in {p.resolve()})")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
+    if p.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}:{e.lineno}: {e.msg} (not valid JSON)") from None
+    else:
+        raw = parse_text(text, str(p))
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply `dotted.key=value` in place; the value is parsed as a YAML scalar or list."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not sep or not key or any(not p for p in parts):
+        raise ConfigError(
+            f"override {override!r} is not of the form dotted.key=value (for example optim.lr=1e-4)"
+        )
+    value = parse_text(text, f"override {key}") if text.strip() else None
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(part, node, where)]
+        else:
+            if not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(last, node, key)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:  # pragma: no cover - every branch above yields a dict or list
+        raise ConfigError(f"override {key!r}: cannot set a key inside a {type(node).__name__}")
+
+
+def _list_index(part: str, node: list, where: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(
+            f"override {where!r}: {part!r} is not an index of a list of {len(node)} items"
+        )
+    return int(part)
+
+
+def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    raw = read_file(path) if path is not None else {}
+    for ov in overrides:
+        apply_override(raw, ov)
+    return validate(raw)
+
+
+def validate(raw: dict[str, Any]) -> RunConfig:
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_explain(e)) from None
+    except (RecursionError, TypeError, ValueError, OverflowError) as e:
+        raise ConfigError(f"the config cannot be read: {e}") from None
+    check(cfg)
+    return cfg
+
+
+def check(cfg: RunConfig, world_size: int = 1) -> None:
+    """Combinations of values that are each valid alone but not together."""
+    g, m = cfg.batch.global_size, cfg.batch.micro_size
+    if g % (m * world_size):
+        per_step = m * world_size
+        lower = max(per_step, g // per_step * per_step)
+        by = f"batch.micro_size={m}"
+        if world_size > 1:
+            by += f" x {world_size} processes = {per_step}"
+        raise ConfigError(
+            f"batch.global_size={g} is not divisible by {by}: "
+            f"each optimizer step must split into whole micro-batches on every process. "
+            f"Set batch.global_size to a multiple of {per_step} (e.g. {lower} or "
+            f"{lower + per_step}), or change batch.micro_size."
+        )
+
+
+# ---------------------------------------------------------------- error text
+
+
+def known_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves); list items appear as key.N.field."""
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        sub = _sub_model(field.annotation)
+        if sub is not None:
+            item = ".N." if _is_list(field.annotation) else "."
+            keys.extend(known_keys(sub, dotted + item))
+    return keys
+
+
+def _is_list(annotation: Any) -> bool:
+    return getattr(annotation, "__origin__", None) is list
+
+
+def _sub_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        sub = _sub_model(arg)
+        if sub is not None:
+            return sub
+    return None
+
+
+def did_you_mean(key: str) -> str | None:
+    """The valid key a typo most likely meant: a sibling first, then the same leaf elsewhere."""
+    parts = ["N" if p.isdigit() else p for p in key.split(".")]
+    candidates = known_keys()
+    parent, leaf = ".".join(parts[:-1]), parts[-1]
+    siblings = [c for c in candidates if c.rsplit(".", 1)[0] == parent and c != parent]
+    if not parent:
+        siblings = [c for c in candidates if "." not in c]
+    names = {c.rsplit(".", 1)[-1]: c for c in siblings}
+    close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=0.6)
+    if close:  # restore the user's list indices (data.train.0.pth -> data.train.0.path)
+        fixed = names[close[0]].split(".")
+        return ".".join(p if p.isdigit() else f for p, f in zip(key.split("."), fixed, strict=True))
+    by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates if "N" not in c.split(".")}
+    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    return by_leaf[close[0]] if close else None
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        key = _dotted(e["loc"])
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            hint = did_you_mean(key)
+            msg = f"unknown key {key!r}" + (f" (did you mean {hint}?)" if hint else "")
+        elif kind == "missing":
+            msg = f"{key}: required, but missing"
+        else:
+            got = _short(e.get("input"))
+            msg = f"{key}: got {got}: {_allowed(e)}"
+        if msg not in lines:
+            lines.append(msg)
+    if len(lines) == 1:
+        return f"invalid config: {lines[0]}"
+    return "invalid config:\n" + "\n".join(f"  - {m}" for m in lines)
+
+
+def _allowed(e: dict[str, Any]) -> str:
+    msg = str(e.get("msg", "invalid value"))
+    ctx = e.get("ctx") or {}
+    if e["type"] in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
+        return msg.replace("Input should be", "expected a number")
+    if e["type"].startswith("literal"):
+        return msg.replace("Input should be", "allowed values are")
+    if e["type"] in ("model_type", "dict_type"):
+        return "expected a mapping of keys (a section)"
+    if ctx.get("error"):
+        return str(ctx["error"])
+    return msg.replace("Input should be", "expected")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------- output
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """A short, stable hash of the resolved config (canonical JSON)."""
+    canon = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def dump(cfg: RunConfig, path: str | Path) -> str:
+    """Write the resolved config (loadable again as a config) with its hash; return the hash."""
+    h = config_hash(cfg)
+    body = yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
+    Path(path).write_text(f"# lockstep resolved config; config_hash: {h}\n{body}", encoding="utf-8")
+    return h

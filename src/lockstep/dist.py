@@ -1,0 +1,79 @@
+"""Process group up/down, rank info, the agreed seed and its derived streams."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import secrets
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(timeout_s: float = 300.0) -> Dist:
+    """Join the process group when started by torchrun; otherwise a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not tdist.is_initialized():
+        tdist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if cuda else None,
+        )
+    return Dist(rank, world, local_rank, device)
+
+
+def teardown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def agree_seed(seed: int | None, d: Dist) -> int:
+    """The configured seed, or one drawn by rank 0 from OS entropy and broadcast to all ranks."""
+    value = seed if seed is not None else secrets.randbits(62)
+    if d.distributed:
+        t = torch.tensor([value], dtype=torch.int64, device=_comm_device(d))
+        tdist.broadcast(t, src=0)
+        value = int(t.item())
+    return value
+
+
+def derive_seed(seed: int, stream: str, *extra: int) -> int:
+    """Independent streams from one seed: 'init' (same on all ranks), 'rank' (seed + rank), ..."""
+    digest = hashlib.sha256(f"{seed}|{stream}|{'|'.join(map(str, extra))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
+    if not d.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=_comm_device(d))
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def _comm_device(d: Dist) -> torch.device:
+    return d.device if d.device.type == "cuda" else torch.device("cpu")

@@ -1,0 +1,47 @@
+"""One error hierarchy: every failure a user can fix ends as one of these, printed in words."""
+
+
+class LockstepError(Exception):
+    """Base of every error lockstep reports as `lockstep: error: ...` (no traceback)."""
+
+
+class ConfigError(LockstepError):
+    """The run config (file, override or combination of values) is wrong."""
+
+
+class DataError(LockstepError):
+    """A data file or record cannot be used."""
+
+
+class ModelError(LockstepError):
+    """The model or tokenizer cannot be loaded or used as configured."""
+
+
+class LaunchError(LockstepError):
+    """The process world cannot be planned or started as asked."""
+
+
+class CheckpointError(LockstepError):
+    """A checkpoint cannot be written or read."""
+
+
+class TrainingError(LockstepError):
+    """Training cannot go on (non-finite loss, a rank failed, ranks out of lockstep)."""
+
+
+def show_traceback(flag: bool = False) -> bool:
+    """--traceback, or LOCKSTEP_TRACEBACK=1 (read when an error happens, never at import)."""
+    import os
+
+    return flag or os.environ.get("LOCKSTEP_TRACEBACK", "") not in ("", "0")
+
+
+def report(err: LockstepError, traceback_flag: bool = False, prefix: str = "") -> int:
+    """Print `lockstep: error: ...` on stderr and return the exit code."""
+    import sys
+    import traceback
+
+    if show_traceback(traceback_flag):
+        traceback.print_exception(err)
+    print(f"lockstep: error: {prefix}{err}", file=sys.stderr, flush=True)
+    return 1

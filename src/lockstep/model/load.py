@@ -1,0 +1,94 @@
+"""Model and tokenizer: the built-in tiny model, a local Hugging Face folder, or a hub id."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lockstep.config import ModelConfig
+from lockstep.errors import ModelError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DIR = Path(__file__).parent / "builtin"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.name for p in BUILTIN_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve(path: str) -> tuple[str, bool]:
+    """(where to load from, whether it is a built-in whose weights are initialised fresh)."""
+    if path.startswith(BUILTIN_PREFIX):
+        name = path[len(BUILTIN_PREFIX) :]
+        if name not in builtin_names():
+            raise ModelError(
+                f"model.path: unknown built-in model {path!r}; available: "
+                + ", ".join(BUILTIN_PREFIX + n for n in builtin_names())
+            )
+        return str(BUILTIN_DIR / name), True
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise ModelError(
+                f"model.path: folder {str(p)!r} has no config.json; point it at a folder "
+                "written by save_pretrained"
+            )
+        return str(p), False
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelError(f"model.path: folder {str(p)!r} not found (looked in {p.resolve()})")
+    return path, False  # a hub id
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    where, _ = resolve(cfg.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
+        raise ModelError(
+            f"model.path {cfg.path!r}: cannot load the tokenizer: {_first_line(e)}"
+        ) from None
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise ModelError(
+                f"model.path {cfg.path!r}: the tokenizer has neither pad nor eos token"
+            )
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(cfg: ModelConfig, init_seed: int) -> torch.nn.Module:
+    """Load pretrained weights, or initialise a built-in model from `init_seed` (same on all ranks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    where, fresh = resolve(cfg.path)
+    dtype = DTYPES[cfg.dtype]
+    common = {"trust_remote_code": cfg.trust_remote_code}
+    try:
+        if fresh:
+            mcfg = AutoConfig.from_pretrained(where, **common)
+            mcfg._attn_implementation = cfg.attn_implementation
+            # a private generator stream: initialisation must not consume or depend on global RNG
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(init_seed)
+                model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, **common)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, attn_implementation=cfg.attn_implementation, **common
+            )
+    except ModelError:
+        raise
+    except Exception as e:
+        raise ModelError(
+            f"model.path {cfg.path!r}: cannot load the model: {_first_line(e)}"
+        ) from None
+    return model
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]

@@ -1,0 +1,71 @@
+"""Shared helpers: run the real CLI in a subprocess, write small real data and configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_DATA = ROOT / "examples" / "data" / "demo_train.jsonl"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd=None):
+    """Run `python -m lockstep ARGS` as a user would; return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop(
+        "LOCKSTEP_TRACEBACK", None
+    ) if env is None or "LOCKSTEP_TRACEBACK" not in env else None
+    return subprocess.run(
+        [sys.executable, "-m", "lockstep", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or ROOT,
+    )
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def small_config(tmp_path: Path, data: Path | None = None, **sections) -> Path:
+    """A quick config on the built-in tiny model; `sections` are merged over the defaults."""
+    cfg = {
+        "output_dir": str(tmp_path / "out"),
+        "seed": 7,
+        "model": {"path": "builtin:tiny"},
+        "data": {"train": [{"path": str(data or DEMO_DATA), "format": "alpaca"}], "max_length": 64},
+        "batch": {"global_size": 8, "micro_size": 4},
+        "train": {"max_steps": 3},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "log": {"every_steps": 1},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path: Path) -> Path:
+    records = [
+        {
+            "instruction": "Uppercase the words.",
+            "input": f"word{i} river",
+            "output": f"WORD{i} RIVER",
+        }
+        for i in range(24)
+    ]
+    return write_jsonl(tmp_path / "small.jsonl", records)
