@@ -4,16 +4,68 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from lockstep import __version__
-from lockstep.errors import LockstepError, report
+from lockstep.errors import LockstepError, TrainingError, report
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lockstep import train
+    from lockstep import config, launch, train
 
-    return train.run(args)
+    cfg = config.load(args.config, args.overrides)  # fail fast, before any process starts
+    flags = {k: getattr(args, k) for k in launch.ENV_VARS}
+    plan = launch.plan(cfg.launch, flags, os.environ, launch.visible_gpus())
+    one_process = plan.in_process or launch.debug_requested(args.debug)
+    if not one_process:
+        config.check(cfg, plan.world_size)
+    child = [args.config, *args.overrides]
+    child += ["--traceback"] * args.traceback
+    child += ["--debug-rank", str(args.debug_rank)] if args.debug_rank is not None else []
+    if args.dry_run:
+        if one_process:
+            print("world: 1 process, in this process")
+            argv = [sys.executable, "-m", "lockstep.train", *child]
+            argv += ["--debug"] * args.debug + (["--as-rank", args.as_rank] if args.as_rank else [])
+        else:
+            print(plan.describe())
+            argv = launch.torchrun_argv(plan, child)
+        print(launch.shell_line(argv))
+        return 0
+    if one_process:
+        return train.run(args, via_lockstep=True)
+    return _run_torchrun(launch.torchrun_argv(plan, child), plan.describe())
+
+
+def _run_torchrun(argv: list[str], describe: str) -> int:
+    """Start torchrun, pass signals on, and return its exit status (naming the first failure)."""
+    from lockstep.train import FAILURE_DIR_ENV
+
+    print(f"[lockstep] {describe}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="lockstep-failures-") as failures:
+        proc = subprocess.Popen(argv, env={**os.environ, FAILURE_DIR_ENV: failures})
+        previous = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(s))
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun too; let it finish
+            code = proc.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if code != 0:
+            first = _first_failure(Path(failures))
+            what = f"rank {first['rank']} failed first: {first['error']}" if first else "see above"
+            report(TrainingError(f"training failed (exit status {code}); {what}"))
+    return code if code >= 0 else 128 - code
+
+
+def _first_failure(folder: Path) -> dict | None:
+    records = [json.loads(p.read_text()) for p in folder.glob("rank-*.json")]
+    return min(records, key=lambda r: r["time"]) if records else None
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -34,8 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lockstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train from a config file")
+    p = sub.add_parser("train", help="train from a config file (plans the world, starts it)")
     add_run_args(p)
+    w = p.add_argument_group("world (flag > env variable > config launch.*)")
+    w.add_argument("--nproc-per-node", dest="nproc_per_node", help="'auto' or N (NPROC_PER_NODE)")
+    w.add_argument("--nnodes", help="number of nodes (NNODES)")
+    w.add_argument("--node-rank", dest="node_rank", help="this node's rank (NODE_RANK)")
+    w.add_argument("--master-addr", dest="master_addr", help="rendezvous host (MASTER_ADDR)")
+    w.add_argument("--master-port", dest="master_port", help="rendezvous port (MASTER_PORT)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and command, run nothing")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("env", help="versions, devices, and where lockstep is imported from")
@@ -46,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from lockstep.train import parse
+
+    args = parse(build_parser(), argv)
     try:
         return args.func(args)
     except LockstepError as e:

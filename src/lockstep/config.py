@@ -82,6 +82,32 @@ class CheckpointConfig(Section):
 
 class LogConfig(Section):
     every_steps: PosInt = 1
+    sample_ids: bool = False
+    """Each rank writes the sample ids of every micro-batch to OUTPUT/sample_ids/ (debugging)."""
+
+
+class LaunchConfig(Section):
+    """Where the processes run. Flags and env variables override these (see launch.py)."""
+
+    nproc_per_node: Literal["auto"] | PosInt = "auto"
+    """`auto`: one process per visible CUDA device, 1 without GPUs."""
+    nnodes: PosInt = 1
+    node_rank: NonNegInt = 0
+    master_addr: str = "127.0.0.1"
+    master_port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """Required with several nodes; None on one node: a free port is found."""
+    max_restarts: NonNegInt = 0
+    timeout_s: Annotated[FiniteFloat, Field(gt=0)] = 300.0
+    """How long a rank waits for the others at a collective before the run fails."""
+
+
+class FaultInjection(Section):
+    """Test-only fault injection (lockstep's own tests use it to prove failures are caught)."""
+
+    fail_at_step: PosInt | None = None
+    """Raise an error at this optimizer step..."""
+    fail_rank: NonNegInt = 0
+    """...on this rank."""
 
 
 class RunConfig(Section):
@@ -96,6 +122,8 @@ class RunConfig(Section):
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
+    launch: LaunchConfig = LaunchConfig()
+    testing: FaultInjection = FaultInjection()
 
     @field_validator("seed", mode="before")
     @classmethod

@@ -7,7 +7,10 @@ Imports are absolute so the file runs as a script too.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 if __name__ == "__main__" and __package__ in (None, ""):
@@ -18,9 +21,12 @@ if __name__ == "__main__" and __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lockstep import config as config_mod  # noqa: E402
-from lockstep import dist  # noqa: E402
-from lockstep.errors import LockstepError, report  # noqa: E402
+from lockstep import dist, launch  # noqa: E402
+from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
+from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
+
+FAILURE_DIR_ENV = "LOCKSTEP_FAILURE_DIR"  # set by `lockstep train` for the ranks it starts
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -28,30 +34,134 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="run config (YAML or JSON)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-4")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    p.add_argument(
+        "--debug", action="store_true",
+        help="one process, same global batch, deterministic, stop at the first non-finite "
+        "loss (also LOCKSTEP_DEBUG=1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--as-rank", metavar="R/W",
+        help="with --debug: replay exactly the micro-batches rank R of a W-process run sees",
+    )  # fmt: skip
+    p.add_argument(
+        "--debug-rank", type=int, metavar="R",
+        help="rank R waits for a debugger (debugpy) on port 5678+R (also LOCKSTEP_DEBUG_RANK)",
+    )  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may come before or after flags: `cfg.yaml --debug optim.lr=1e-4`."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def options(args: argparse.Namespace) -> RunOptions:
+    debug = launch.debug_requested(args.debug)
+    as_rank = parse_as_rank(args.as_rank) if args.as_rank else None
+    if as_rank and not debug:
+        raise LaunchError("--as-rank replays one rank in one process: add --debug")
+    env_rank = os.environ.get("LOCKSTEP_DEBUG_RANK", "")
+    debug_rank = args.debug_rank if args.debug_rank is not None else (
+        int(env_rank) if env_rank.isdigit() else None
+    )  # fmt: skip
+    return RunOptions(debug=debug, as_rank=as_rank, debug_rank=debug_rank)
+
+
+def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
+    """Train in this process (one rank of the world torchrun made, or a world of one)."""
     cfg = config_mod.load(args.config, args.overrides)
-    d = dist.setup()
+    opts = options(args)
+    how = launch.launcher(os.environ, via_lockstep)
+    refusal = launch.guard(how, launch.visible_gpus(), opts.debug)
+    if refusal:
+        raise LaunchError(refusal)
+    if opts.debug and how == "torchrun" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise LaunchError("--debug runs one process; start it without torchrun")
+    d = dist.setup(cfg.launch.timeout_s)
     logmod.setup(d.rank, d.world_size)
     try:
-        config_mod.check(cfg, d.world_size)
+        if opts.debug:
+            _enter_debug_mode(cfg, opts)
+        else:
+            config_mod.check(cfg, d.world_size)
+        if opts.debug_rank is not None and opts.debug_rank == d.rank:
+            _wait_for_debugger(d.rank)
         from lockstep.training.loop import run as train_loop
 
-        train_loop(cfg, d)
+        train_loop(cfg, d, opts)
     finally:
         dist.teardown()
     return 0
 
 
+def _enter_debug_mode(cfg: config_mod.RunConfig, opts: RunOptions) -> None:
+    import torch
+
+    world = opts.as_rank[1] if opts.as_rank else 1
+    config_mod.check(cfg, world)
+    torch.use_deterministic_algorithms(True)
+    g, m = cfg.batch.global_size, cfg.batch.micro_size
+    planned = cfg.launch.nproc_per_node
+    replay = (
+        f"replaying rank {opts.as_rank[0]} of {opts.as_rank[1]}: its {g // (m * world)} "
+        f"micro-batch(es) per step, in its order"
+        if opts.as_rank
+        else f"global batch {g} kept: {g // m} micro-batches of {m} accumulated in this process"
+    )
+    banner = [
+        "debug mode:",
+        f"  one process on one device (launch.nproc_per_node={planned} ignored)",
+        f"  {replay}",
+        "  data loading in this process (no workers): breakpoints in data code work",
+        "  deterministic algorithms on",
+        "  the run stops at the first non-finite loss or gradient, naming the step",
+    ]
+    print("\n".join(banner), file=sys.stderr, flush=True)
+
+
+def _wait_for_debugger(rank: int) -> None:
+    try:
+        import debugpy
+    except ImportError:
+        raise LaunchError(
+            "--debug-rank needs debugpy: pip install 'lockstep[debug]' (or pip install debugpy)"
+        ) from None
+    port = 5678 + rank
+    debugpy.listen(("127.0.0.1", port))
+    print(f"[rank {rank}] waiting for a debugger on 127.0.0.1:{port}", file=sys.stderr, flush=True)
+    debugpy.wait_for_client()
+
+
+def _record_failure(err: BaseException) -> None:
+    """Tell `lockstep train` which rank failed and why (it names the first one)."""
+    folder = os.environ.get(FAILURE_DIR_ENV)
+    if not folder:
+        return
+    rank = int(os.environ.get("RANK", "0"))
+    record = {"rank": rank, "time": time.time(), "error": str(err) or type(err).__name__}
+    Path(folder, f"rank-{rank}.json").write_text(json.dumps(record))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lockstep.train", description=__doc__)
     add_run_args(parser)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
+    prefix = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     try:
         return run(args)
     except LockstepError as e:
-        return report(e, args.traceback)
+        _record_failure(e)
+        return report(e, args.traceback, prefix)
+    except Exception as e:
+        _record_failure(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,8 @@ from lockstep import config as config_mod
 from lockstep.config import RunConfig
 from lockstep.data import dataset
 from lockstep.data.collate import collate
-from lockstep.data.order import Order, batch_sha
+from lockstep.data.dataset import Samples
+from lockstep.data.order import PAD, Order, batch_sha
 from lockstep.dist import Dist, agree_seed, all_reduce_sum, derive_seed
 from lockstep.errors import TrainingError
 from lockstep.model.load import load_model, load_tokenizer
@@ -25,6 +28,7 @@ from lockstep.report.metrics import MetricsWriter
 from lockstep.report.plot import plot_loss
 from lockstep.training.loss import backward_scale, cross_entropy_sum
 from lockstep.training.optim import build_optimizer, build_scheduler
+from lockstep.training.options import RunOptions
 
 
 def seed_rank_rngs(seed: int, rank: int) -> None:
@@ -40,7 +44,14 @@ def total_steps(cfg: RunConfig, order: Order) -> int:
     return cfg.train.max_steps or cfg.train.epochs * order.steps_per_epoch
 
 
-def run(cfg: RunConfig, d: Dist) -> Path:
+def count(samples: Samples, ids: np.ndarray) -> tuple[int, int]:
+    """(tokens, target tokens) of the real samples among `ids`."""
+    real = [int(i) for i in ids if i != PAD]
+    return sum(len(samples.input_ids[i]) for i in real), sum(samples.target_tokens(i) for i in real)
+
+
+def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
+    opts = opts or RunOptions()
     log = logmod.get()
     out = Path(cfg.output_dir)
     seed = agree_seed(cfg.seed, d)
@@ -52,11 +63,12 @@ def run(cfg: RunConfig, d: Dist) -> Path:
 
     tokenizer = load_tokenizer(cfg.model)
     samples = dataset.build(cfg.data, tokenizer)
-    order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, d.world_size)
+    rank, world = opts.as_rank or (d.rank, d.world_size)
+    order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world)
     steps = total_steps(cfg, order)
     model = load_model(cfg.model, derive_seed(seed, "init")).to(d.device)
     model.train()
-    seed_rank_rngs(seed, d.rank)
+    seed_rank_rngs(seed, rank)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
         f"data: {samples.stats['samples']} samples, {samples.stats['tokens']} tokens "
@@ -65,34 +77,43 @@ def run(cfg: RunConfig, d: Dist) -> Path:
     )
     log.info(
         f"plan: {steps} optimizer steps ({order.steps_per_epoch}/epoch) of {order.global_size} "
-        f"samples = {d.world_size} process(es) x {order.accumulation} accumulation x "
+        f"samples = {world} process(es) x {order.accumulation} accumulation x "
         f"{order.micro_size} micro-batch; {trainable / 1e6:.2f}M trainable parameters"
     )
+    if d.distributed:
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
     if d.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main)
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main and not opts.as_rank)
+    ids_log = _sample_id_log(cfg, out, rank, world)
     bar = tqdm(total=steps, disable=not d.is_main, desc="train", unit="step", mininterval=0.5)
     start = time.perf_counter()
     window_tokens, window_losses, window_start = 0, [], start
 
     for step in range(steps):
-        micro = order.micro_batches(step, d.rank)
-        local_targets = sum(samples.target_tokens(i) for mb in micro for i in mb if i >= 0)
-        local_tokens = sum(len(samples.input_ids[i]) for mb in micro for i in mb if i >= 0)
-        global_targets, global_tokens = (
-            int(v) for v in all_reduce_sum([local_targets, local_tokens], d)
-        )
+        if cfg.testing.fail_at_step == step + 1 and cfg.testing.fail_rank == rank:
+            raise TrainingError(f"injected failure at step {step + 1} (testing.fail_at_step)")
+        micro = order.micro_batches(step, rank)
+        global_tokens, global_targets = count(samples, order.global_batch(step))
         scale = backward_scale(d.world_size, global_targets)
         loss_sum = 0.0
-        for mb in micro:
-            batch = {
-                k: v.to(d.device) for k, v in collate(samples, mb, tokenizer.pad_token_id).items()
-            }
-            ce = cross_entropy_sum(model, batch)
-            (ce * scale).backward()
+        for a, mb in enumerate(micro):
+            if ids_log:
+                ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": mb.tolist()}) + "\n")
+            batch = collate(samples, mb, tokenizer.pad_token_id)
+            batch = {k: v.to(d.device) for k, v in batch.items()}
+            last = a == len(micro) - 1
+            with model.no_sync() if d.distributed and not last else nullcontext():
+                ce = cross_entropy_sum(model, batch)
+                (ce * scale).backward()
+            if opts.debug and not math.isfinite(ce.item()):
+                raise TrainingError(
+                    f"step {step + 1}, micro-batch {a}: non-finite loss {ce.item()}"
+                )
             loss_sum += ce.item()
         loss = all_reduce_sum([loss_sum], d)[0] / max(global_targets, 1)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
@@ -115,20 +136,18 @@ def run(cfg: RunConfig, d: Dist) -> Path:
             tps = window_tokens / max(now - window_start, 1e-9)
             mean_loss = sum(window_losses) / len(window_losses)
             window_tokens, window_losses, window_start = 0, [], now
-            metrics.write(
-                {
-                    "step": done,
-                    "epoch": round(step / order.steps_per_epoch, 4),
-                    "loss": mean_loss,  # mean over the steps since the previous logged step
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": global_tokens,
-                    "target_tokens": global_targets,
-                    "tokens_per_s": round(tps, 1),
-                    "elapsed_s": round(now - start, 3),
-                    "batch_sha": batch_sha(order.global_batch(step)),
-                }
-            )
+            metrics.write({
+                "step": done,
+                "epoch": round(step / order.steps_per_epoch, 4),
+                "loss": mean_loss,  # mean over the steps since the previous logged step
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": global_tokens,
+                "target_tokens": global_targets,
+                "tokens_per_s": round(tps, 1),
+                "elapsed_s": round(now - start, 3),
+                "batch_sha": batch_sha(order.global_batch(step)),
+            })  # fmt: skip
             bar.set_postfix(
                 loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
             )
@@ -136,13 +155,22 @@ def run(cfg: RunConfig, d: Dist) -> Path:
 
     bar.close()
     metrics.close()
-    if d.is_main:
-        final = save_final(model, tokenizer, out)
+    if ids_log:
+        ids_log.close()
+    if d.is_main and not opts.as_rank:
+        final = save_final(getattr(model, "module", model), tokenizer, out)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-        log.info(
-            f"done in {time.perf_counter() - start:.1f}s; model: {final}; curve: {out / 'loss.png'}"
-        )
+        took = time.perf_counter() - start
+        log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
     return out
+
+
+def _sample_id_log(cfg: RunConfig, out: Path, rank: int, world: int):
+    if not cfg.log.sample_ids:
+        return None
+    folder = out / "sample_ids"
+    folder.mkdir(parents=True, exist_ok=True)
+    return (folder / f"rank-{rank}-of-{world}.jsonl").open("w", encoding="utf-8")
 
 
 def save_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:

@@ -1,0 +1,215 @@
+"""One entry for every world: plans, dry runs, torchrun with 2 processes, 2 simulated nodes."""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, run_cli, small_config
+
+from lockstep.config import LaunchConfig
+from lockstep.errors import LaunchError
+from lockstep.launch import guard, launcher, plan, torchrun_argv
+from lockstep.report.metrics import read
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NOFLAGS = {"nproc_per_node": None, "nnodes": None, "node_rank": None, "master_addr": None,
+           "master_port": None}  # fmt: skip
+
+
+def test_plan_precedence_flag_over_env_over_config():
+    cfg = LaunchConfig(nproc_per_node=3, master_port=1111)
+    assert plan(cfg, NOFLAGS, {}, gpus=0).nproc_per_node == 3
+    assert plan(cfg, NOFLAGS, {"NPROC_PER_NODE": "4"}, gpus=0).nproc_per_node == 4
+    flags = {**NOFLAGS, "nproc_per_node": "5", "master_port": "2222"}
+    p = plan(cfg, flags, {"NPROC_PER_NODE": "4", "MASTER_PORT": "3333"}, gpus=0)
+    assert (p.nproc_per_node, p.master_port) == (5, 2222)
+    assert plan(cfg, NOFLAGS, {"MASTER_PORT": "3333"}, gpus=0).master_port == 3333
+
+
+def test_plan_auto_uses_visible_gpus():
+    assert plan(LaunchConfig(), NOFLAGS, {}, gpus=0).nproc_per_node == 1
+    assert plan(LaunchConfig(), NOFLAGS, {}, gpus=8).world_size == 8
+    assert plan(LaunchConfig(), NOFLAGS, {}, gpus=1).in_process
+
+
+def test_multi_node_needs_a_port_and_bad_values_say_where_they_came_from():
+    with pytest.raises(LaunchError, match="agreed rendezvous port.*--master-port"):
+        plan(LaunchConfig(nnodes=2), NOFLAGS, {}, gpus=0)
+    with pytest.raises(LaunchError, match="node_rank must be >= 0 and <= 1, got 2 .*NODE_RANK"):
+        plan(LaunchConfig(nnodes=2, master_port=9), NOFLAGS, {"NODE_RANK": "2"}, gpus=0)
+    with pytest.raises(LaunchError, match="nproc_per_node must be an integer, got 'x' .*--nproc"):
+        plan(LaunchConfig(), {**NOFLAGS, "nproc_per_node": "x"}, {}, gpus=0)
+
+
+def test_torchrun_argv_is_a_list_that_keeps_every_argument():
+    p = plan(LaunchConfig(nproc_per_node=2), NOFLAGS, {}, gpus=0)
+    args = ["my cfg.yaml", "output_dir=a b", "x='q'", 'y="z=1"']
+    argv = torchrun_argv(p, args)
+    assert argv[-4:] == args and "--standalone" in argv
+    assert shlex.split(shlex.join(argv)) == argv
+
+
+@pytest.mark.parametrize(
+    ("how", "gpus", "debug", "allowed"),
+    [
+        ("direct", 0, False, True), ("direct", 1, False, True), ("direct", 2, False, False),
+        ("direct", 8, False, False), ("direct", 8, True, True), ("lockstep", 8, False, True),
+        ("torchrun", 8, False, True), ("torchrun", 0, False, True), ("lockstep", 0, True, True),
+    ],
+)  # fmt: skip
+def test_guard_every_case(how, gpus, debug, allowed):
+    refusal = guard(how, gpus, debug)
+    assert (refusal is None) == allowed
+    if refusal:
+        for way in ("lockstep train cfg.yaml", f"torchrun --nproc-per-node {gpus}", "--debug",
+                    "LOCKSTEP_DEBUG=1", "CUDA_VISIBLE_DEVICES"):  # fmt: skip
+            assert way in refusal
+        assert f"sees {gpus} GPUs" in refusal
+
+
+def test_launcher_detection():
+    assert launcher({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, False) == "torchrun"
+    assert launcher({}, True) == "lockstep"
+    assert launcher({"RANK": "0"}, False) == "direct"
+
+
+def test_dry_run_single_and_multi_node(tmp_path):
+    cfg = small_config(tmp_path)
+    res = run_cli("train", str(cfg), "--dry-run", "output_dir=with space")
+    assert res.returncode == 0
+    lines = res.stdout.splitlines()
+    assert lines[0] == "world: 1 process, in this process"
+    assert shlex.split(lines[1])[1:] == ["-m", "lockstep.train", str(cfg), "output_dir=with space"]
+    res = run_cli(
+        "train",
+        str(cfg),
+        "--dry-run",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.1.2.3",
+        "batch.global_size=16",
+        env={"NPROC_PER_NODE": "2", "MASTER_PORT": "29999"},
+    )
+    assert res.returncode == 0, res.stderr
+    plan_line, cmd = res.stdout.splitlines()
+    assert "4 processes = 2 per node x 2 nodes (this is node 1)" in plan_line
+    argv = shlex.split(cmd)
+    for flag, value in (("--nproc-per-node", "2"), ("--nnodes", "2"), ("--node-rank", "1"),
+                        ("--master-addr", "10.1.2.3"), ("--master-port", "29999")):  # fmt: skip
+        assert argv[argv.index(flag) + 1] == value
+    assert not (tmp_path / "out").exists()  # a dry run runs nothing
+
+
+def test_two_processes_write_the_same_outputs_as_one(tmp_path, alpaca_file):
+    cfg = small_config(tmp_path, alpaca_file)
+    out2 = tmp_path / "two procs"
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2", f"output_dir={out2}")
+    assert res.returncode == 0, res.stderr
+    assert "rank 1" not in res.stderr.replace("lockstep rank 1", "")  # rank 1 is quiet
+    for name in ("metrics.jsonl", "loss.png", "config.yaml", "final/model.safetensors"):
+        assert (out2 / name).is_file(), name
+    assert len(read(out2 / "metrics.jsonl")) == 3
+    assert res.stderr.count("train:   0%") == 1  # one progress bar: rank 0's
+
+
+def test_two_nodes_on_one_machine(tmp_path, alpaca_file):
+    cfg = small_config(tmp_path, alpaca_file)
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lockstep",
+                "train",
+                str(cfg),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                port,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(read(tmp_path / "out" / "metrics.jsonl")) == 3
+    assert "2 processes" in outs[0][1]
+
+
+def test_python_dash_m_lockstep_train_and_the_file_itself(tmp_path, alpaca_file):
+    cfg = small_config(tmp_path, alpaca_file)
+    for entry in (["-m", "lockstep.train"], [str(ROOT / "src" / "lockstep" / "train.py")]):
+        out = tmp_path / entry[-1].replace("/", "_")
+        res = subprocess.run([sys.executable, *entry, str(cfg), f"output_dir={out}",
+                              "train.max_steps=2"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        assert len(read(out / "metrics.jsonl")) == 2
+
+
+def test_debug_mode_keeps_the_global_batch_of_a_two_process_config(tmp_path, alpaca_file):
+    cfg = small_config(tmp_path, alpaca_file, launch={"nproc_per_node": 2})
+    res = run_cli("train", str(cfg), "--debug")
+    assert res.returncode == 0, res.stderr
+    assert "debug mode:" in res.stderr and "launch.nproc_per_node=2 ignored" in res.stderr
+    assert "global batch 8 kept: 2 micro-batches of 4" in res.stderr
+    assert "1 process(es) x 2 accumulation x 4 micro-batch" in res.stderr
+    res2 = run_cli(
+        "train",
+        str(cfg),
+        env={"LOCKSTEP_DEBUG": "1"},
+    )
+    assert res2.returncode == 0 and "debug mode:" in res2.stderr
+    assert read(tmp_path / "out" / "metrics.jsonl")[-1]["loss"] > 0
+
+
+def test_a_failing_rank_ends_the_run_naming_it(tmp_path, alpaca_file):
+    cfg = small_config(
+        tmp_path,
+        alpaca_file,
+        train={"max_steps": 50},
+        testing={"fail_at_step": 2, "fail_rank": 1},
+        launch={"timeout_s": 30},
+    )
+    t0 = time.monotonic()
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2", timeout=120)
+    assert res.returncode != 0
+    assert time.monotonic() - t0 < 90
+    assert "rank 1 failed first: injected failure at step 2" in res.stderr
+    ps = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True)
+    assert ps.stdout.strip() == "", "a rank is still running"
+
+
+def test_debug_rank_without_debugpy_is_a_clear_error(tmp_path, alpaca_file):
+    pytest.importorskip("lockstep")  # always present; debugpy is the optional part
+    try:
+        import debugpy  # noqa: F401
+    except ImportError:
+        res = run_cli("train", str(small_config(tmp_path, alpaca_file)), "--debug-rank", "0")
+        assert res.returncode == 1 and "pip install 'lockstep[debug]'" in res.stderr
+    else:
+        pytest.skip("debugpy is installed here; the missing-debugpy message cannot be shown")
