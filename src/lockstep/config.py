@@ -108,6 +108,10 @@ class FaultInjection(Section):
     """Raise an error at this optimizer step..."""
     fail_rank: NonNegInt = 0
     """...on this rank."""
+    desync: Literal["seed", "data"] | None = None
+    """Make one rank differ: `seed` (it adds 1 to the agreed seed) or `data` (it drops its last
+    training record), to prove the fingerprint check stops the run."""
+    desync_rank: NonNegInt = 1
 
 
 class RunConfig(Section):
@@ -371,9 +375,10 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
 
 
-def config_hash(cfg: RunConfig) -> str:
-    """A short, stable hash of the resolved config (canonical JSON)."""
-    canon = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+def config_hash(cfg: RunConfig, exclude: tuple[str, ...] = ()) -> str:
+    """A short, stable hash of the resolved config (canonical JSON), less `exclude` sections."""
+    data = {k: v for k, v in to_dict(cfg).items() if k not in exclude}
+    canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 

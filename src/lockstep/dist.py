@@ -77,3 +77,43 @@ def all_reduce_sum(values: list[float], d: Dist) -> list[float]:
 
 def _comm_device(d: Dist) -> torch.device:
     return d.device if d.device.type == "cuda" else torch.device("cpu")
+
+
+# ---------------------------------------------------------------- lockstep fingerprint check
+
+
+def params_checksum(model: torch.nn.Module) -> str:
+    """A cheap checksum of the trainable parameters (per-tensor float64 sum and sum of squares)."""
+    stats = [
+        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    if not stats:
+        return "no trainable parameters"
+    flat = torch.cat(stats).cpu().numpy().tobytes()
+    return hashlib.sha256(flat).hexdigest()[:16]
+
+
+def check_lockstep(fields: dict[str, str], d: Dist, when: str) -> None:
+    """All ranks compare their fingerprints; any difference stops every rank with one table."""
+    from lockstep.errors import TrainingError
+
+    if not d.distributed:
+        return
+    gathered: list[dict[str, str] | None] = [None] * d.world_size
+    tdist.all_gather_object(gathered, fields)
+    rows = []
+    for rank, other in enumerate(gathered):
+        for key in fields:
+            ref, value = str(gathered[0].get(key)), str(other.get(key))
+            if value != ref:
+                rows.append((key, ref, f"rank {rank}: {value}"))
+    if rows:
+        width = max(len(r[0]) for r in rows + [("field", "", "")])
+        ref_w = max(len(r[1]) for r in rows + [("", "rank 0", "")])
+        lines = [f"  {'field':<{width}} | {'rank 0':<{ref_w}} | differing rank"]
+        lines += [f"  {k:<{width}} | {a:<{ref_w}} | {b}" for k, a, b in rows]
+        raise TrainingError(
+            f"ranks are out of lockstep ({when}); every rank must agree on:\n" + "\n".join(lines)
+        )

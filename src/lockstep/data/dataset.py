@@ -27,6 +27,11 @@ class Samples:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def without_last(self) -> Samples:
+        """A copy lacking the last sample, with the fingerprint that content has (testing)."""
+        fp = hashlib.sha256(f"{self.fingerprint}|without-last".encode()).hexdigest()[:16]
+        return Samples(self.input_ids[:-1], self.labels[:-1], fp, dict(self.stats))
+
     def target_tokens(self, i: int) -> int:
         """Tokens that carry loss for sample i (labels are aligned with inputs, shifted later)."""
         return int((self.labels[i][1:] != IGNORE).sum())

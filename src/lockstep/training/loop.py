@@ -20,7 +20,14 @@ from lockstep.data import dataset
 from lockstep.data.collate import collate
 from lockstep.data.dataset import Samples
 from lockstep.data.order import PAD, Order, batch_sha
-from lockstep.dist import Dist, agree_seed, all_reduce_sum, derive_seed
+from lockstep.dist import (
+    Dist,
+    agree_seed,
+    all_reduce_sum,
+    check_lockstep,
+    derive_seed,
+    params_checksum,
+)
 from lockstep.errors import TrainingError
 from lockstep.model.load import load_model, load_tokenizer
 from lockstep.report import log as logmod
@@ -55,6 +62,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     log = logmod.get()
     out = Path(cfg.output_dir)
     seed = agree_seed(cfg.seed, d)
+    if cfg.testing.desync == "seed" and d.rank == cfg.testing.desync_rank:
+        seed += 1  # test-only: a rank that did not take the agreed seed
     cfg = cfg.model_copy(update={"seed": seed})
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -63,6 +72,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
 
     tokenizer = load_tokenizer(cfg.model)
     samples = dataset.build(cfg.data, tokenizer)
+    if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
+        samples = samples.without_last()  # test-only: a rank that read different data
     rank, world = opts.as_rank or (d.rank, d.world_size)
     order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world)
     steps = total_steps(cfg, order)
@@ -80,6 +91,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         f"samples = {world} process(es) x {order.accumulation} accumulation x "
         f"{order.micro_size} micro-batch; {trainable / 1e6:.2f}M trainable parameters"
     )
+    fingerprint = fingerprint_fields(cfg, samples, order, model)
+    check_lockstep(fingerprint, d, when="after building data and model")
     if d.distributed:
         device_ids = [d.device.index] if d.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -88,7 +101,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
     if d.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main and not opts.as_rank)
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main)
     ids_log = _sample_id_log(cfg, out, rank, world)
     bar = tqdm(total=steps, disable=not d.is_main, desc="train", unit="step", mininterval=0.5)
     start = time.perf_counter()
@@ -147,6 +160,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
                 "tokens_per_s": round(tps, 1),
                 "elapsed_s": round(now - start, 3),
                 "batch_sha": batch_sha(order.global_batch(step)),
+                **({"replay": f"{rank}/{world}"} if opts.as_rank else {}),
             })  # fmt: skip
             bar.set_postfix(
                 loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
@@ -163,6 +177,27 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         took = time.perf_counter() - start
         log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
     return out
+
+
+def fingerprint_fields(
+    cfg: RunConfig, samples: Samples, order: Order, model: torch.nn.Module, step: int = 0
+) -> dict[str, str]:
+    """What every rank must agree on before (and while) training together."""
+    import transformers
+
+    from lockstep import __version__
+
+    return {
+        "lockstep": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "config_hash": config_mod.config_hash(cfg, exclude=("launch", "testing")),
+        "seed": str(cfg.seed),
+        "data_fingerprint": samples.fingerprint,
+        "num_samples": str(len(samples)),
+        "next_batch_sha": batch_sha(order.global_batch(step)),
+        "params_checksum": params_checksum(model),
+    }
 
 
 def _sample_id_log(cfg: RunConfig, out: Path, rank: int, world: int):
