@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -41,7 +42,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GenerationConfig, LlamaConfig, PreTrainedTokenizerFast
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO_ROOT / "examples" / "data" / "demo_train.jsonl"
 DEFAULT_OUT = REPO_ROOT / "src" / "lockstep" / "model" / "builtin" / "tiny"
 
 VOCAB_SIZE = 2048
@@ -164,8 +164,8 @@ def load_demo_texts(path: Path) -> list[str]:
     distinct input word on its own in lower and upper case (twice, to pass
     ``min_frequency``): ByteLevel pre-tokenization makes a sentence-initial word
     a different pre-token than the same word after a space, and initial/upper
-    forms are otherwise too rare to become single tokens. Whole-word tokens
-    keep the copy/uppercase tasks easy for a tiny model.
+    forms are otherwise too rare to become single tokens. This way every demo
+    word, in every form the tasks use, is one token.
     """
     texts: list[str] = []
     words: set[str] = set()
@@ -243,6 +243,17 @@ def build_config(tok: Tokenizer) -> LlamaConfig:
     )
 
 
+# What ``from_pretrained`` needs; anything else ``save_pretrained`` writes is dropped.
+KEEP_FILES: tuple[str, ...] = (
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
+
+
 def build(data_path: Path, out_dir: Path) -> list[Path]:
     """Build all assets into ``out_dir``; return the written files."""
     tok = train_tokenizer(build_corpus(data_path))
@@ -259,19 +270,31 @@ def build(data_path: Path, out_dir: Path) -> list[Path]:
         clean_up_tokenization_spaces=False,
     )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_tok.save_pretrained(str(out_dir))
-    build_config(tok).save_pretrained(str(out_dir))
-    GenerationConfig(
-        eos_token_id=SPECIAL_TOKENS.index(IM_END),
-        pad_token_id=SPECIAL_TOKENS.index(PAD),
-    ).save_pretrained(str(out_dir))
-    return sorted(p for p in out_dir.iterdir() if p.is_file())
+    written: list[Path] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_tok.save_pretrained(tmp)
+        build_config(tok).save_pretrained(tmp)
+        GenerationConfig(
+            eos_token_id=SPECIAL_TOKENS.index(IM_END),
+            pad_token_id=SPECIAL_TOKENS.index(PAD),
+        ).save_pretrained(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for src in sorted(Path(tmp).iterdir()):
+            if src.name in KEEP_FILES:
+                shutil.copyfile(src, out_dir / src.name)
+                written.append(out_dir / src.name)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="corpus records (default: the demo task over all its words, generated afresh, so "
+        "the tokenizer does not depend on the shipped demo file's word subset)",
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
         "--check",
@@ -279,10 +302,19 @@ def main(argv: list[str] | None = None) -> int:
         help="rebuild into a temp dir and verify it is byte-identical to --out-dir",
     )
     args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as corpus_dir:
+        if args.data is None:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import make_demo_data
 
-    if not args.data.is_file():
-        parser.error(f"{args.data} not found; run scripts/make_demo_data.py first")
+            make_demo_data.main(["--out-dir", corpus_dir, "--n-words", "0"])
+            args.data = Path(corpus_dir) / "demo_train.jsonl"
+        if not args.data.is_file():
+            parser.error(f"{args.data} not found")
+        return _build_or_check(args)
 
+
+def _build_or_check(args: argparse.Namespace) -> int:
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
             fresh = build(args.data, Path(tmp))

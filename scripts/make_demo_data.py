@@ -1,9 +1,9 @@
 """Generate the synthetic demo instruction dataset (alpaca-format JSONL).
 
 Each record is ``{"instruction": ..., "input": ..., "output": ...}``. The input
-is 2-5 words drawn from a fixed vocabulary of ~150 common lowercase English
-words, and the instruction is one of a handful of fixed strings, each naming a
-deterministic word-level transformation:
+is 2-5 words drawn from a closed vocabulary (by default 24 of the 151 common
+lowercase English words below), and the instruction is one of six fixed strings,
+each naming a deterministic word-level transformation:
 
 * ``Uppercase the words.``               -> ``input.upper()``
 * ``Reverse the order of the words.``    -> words in reverse order
@@ -12,21 +12,18 @@ deterministic word-level transformation:
 * ``Return the last word.``              -> last word
 * ``Count the words.``                   -> number of words, as digits
 
-Why a ~3M-parameter model learns this within ~150 optimizer steps on CPU:
+Why this suits the ~3M-parameter built-in model on a CPU:
 
-* The instruction set is tiny and fixed, so the model only has to recognise
-  one of six prefixes to pick the operation.
-* Every output is a copy/permutation of input tokens (or a single digit), which
-  a small transformer learns quickly via attention-based copying; there is no
-  world knowledge involved.
-* Records are very short (well under 64 tokens in ChatML), so each batch packs
-  many supervised target tokens relative to compute.
-* The closed vocabulary means the tiny tokenizer (built by
-  ``scripts/build_tiny_tokenizer.py`` from this data) encodes each word in one
-  or two tokens, making copying easy.
+* Nothing needs world knowledge: every output is a function of the input words
+  alone (a copy, permutation or case change of them, or a single digit).
+* Records are short (about 19-29 tokens in the tiny model's ChatML), with 2-6
+  supervised answer tokens each (``<|im_end|>`` included), so a step is cheap.
+* Every word (and its uppercase) is one token of the tiny tokenizer.
 
-Easy tasks (count, last word, uppercase, repeat) show up as a quick drop in
-loss; reverse/sort improve more slowly, which makes progress visibly graded.
+Measured with ``examples/demo.yaml`` (400 steps of 16, lr 1e-3, cosine): the
+mean loss of the first 20 steps is ~5.3 (the first step ~7.6, uniform over the
+2048-token vocabulary) and falls to ~1.9. With all 151 words (``--n-words 0``)
+copying needs far more steps, and the loss stalls near 4.
 
 Train and eval are generated from different seeds derived from ``--seed``, and
 eval samples that coincide exactly with a train sample are re-drawn, so the two
@@ -35,7 +32,7 @@ splits are disjoint.
 Usage::
 
     python scripts/make_demo_data.py [--seed 0] [--n-train 2000] [--n-eval 200]
-                                     [--out-dir examples/data]
+                                     [--out-dir examples/data] [--n-words 0]
 """
 
 from __future__ import annotations
@@ -85,11 +82,18 @@ EVAL_SEED_OFFSET = 2_000
 Record = dict[str, str]
 
 
-def make_record(rng: random.Random) -> Record:
+def pick_words(n: int) -> tuple[str, ...]:
+    """The vocabulary to draw from: all of ``WORDS`` (n <= 0) or ``n`` evenly spaced."""
+    if n <= 0 or n >= len(WORDS):
+        return WORDS
+    return tuple(WORDS[i * len(WORDS) // n] for i in range(n))
+
+
+def make_record(rng: random.Random, vocab: tuple[str, ...] = WORDS) -> Record:
     """Draw one (instruction, input, output) sample."""
     instruction = rng.choice(list(TASKS))
     n_words = rng.randint(MIN_WORDS, MAX_WORDS)
-    words = [rng.choice(WORDS) for _ in range(n_words)]
+    words = [rng.choice(vocab) for _ in range(n_words)]
     return {
         "instruction": instruction,
         "input": " ".join(words),
@@ -98,13 +102,16 @@ def make_record(rng: random.Random) -> Record:
 
 
 def make_split(
-    rng: random.Random, n: int, exclude: set[tuple[str, str]] | None = None
+    rng: random.Random,
+    n: int,
+    vocab: tuple[str, ...] = WORDS,
+    exclude: set[tuple[str, str]] | None = None,
 ) -> list[Record]:
     """Draw ``n`` records, re-drawing any whose (instruction, input) is excluded."""
     exclude = exclude or set()
     records: list[Record] = []
     while len(records) < n:
-        rec = make_record(rng)
+        rec = make_record(rng, vocab)
         if (rec["instruction"], rec["input"]) in exclude:
             continue
         records.append(rec)
@@ -124,11 +131,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--out-dir", type=Path, default=Path("examples/data"))
+    parser.add_argument(
+        "--n-words",
+        type=int,
+        default=24,
+        help=f"use only this many (evenly spaced) of the {len(WORDS)} words; 0 = all "
+        "(24: what the tiny model learns in a few hundred steps)",
+    )
     args = parser.parse_args(argv)
 
-    train = make_split(random.Random(args.seed + TRAIN_SEED_OFFSET), args.n_train)
+    vocab = pick_words(args.n_words)
+    train = make_split(random.Random(args.seed + TRAIN_SEED_OFFSET), args.n_train, vocab)
     seen = {(r["instruction"], r["input"]) for r in train}
-    evals = make_split(random.Random(args.seed + EVAL_SEED_OFFSET), args.n_eval, seen)
+    evals = make_split(
+        random.Random(args.seed + EVAL_SEED_OFFSET), args.n_eval, vocab, exclude=seen
+    )
 
     train_path = args.out_dir / "demo_train.jsonl"
     eval_path = args.out_dir / "demo_eval.jsonl"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lockstep import __version__
 from lockstep.errors import LockstepError, TrainingError, report
+from lockstep.training.preempt import Preempted
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -56,16 +57,15 @@ def _run_torchrun(argv: list[str], describe: str) -> int:
             code = proc.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
-        if code != 0:
-            first = _first_failure(Path(failures))
-            what = f"rank {first['rank']} failed first: {first['error']}" if first else "see above"
-            report(TrainingError(f"training failed (exit status {code}); {what}"))
+        records = [json.loads(p.read_text()) for p in Path(failures).glob("rank-*.json")]
+    failed = sorted((r for r in records if "preempted" not in r), key=lambda r: r["time"])
+    if code != 0 and not failed and records:  # every rank stopped on a signal, and said so
+        return records[0]["preempted"]
+    if code != 0:
+        first = failed[0] if failed else None
+        what = f"rank {first['rank']} failed first: {first['error']}" if first else "see above"
+        report(TrainingError(f"training failed (exit status {code}); {what}"))
     return code if code >= 0 else 128 - code
-
-
-def _first_failure(folder: Path) -> dict | None:
-    records = [json.loads(p.read_text()) for p in folder.glob("rank-*.json")]
-    return min(records, key=lambda r: r["time"]) if records else None
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     try:
         return args.func(args)
+    except Preempted as e:
+        print(f"lockstep: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except LockstepError as e:
         return report(e, args.traceback)
     except KeyboardInterrupt:

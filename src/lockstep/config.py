@@ -78,6 +78,16 @@ class OptimConfig(Section):
 
 class CheckpointConfig(Section):
     every_steps: PosInt | None = None
+    """Save every N optimizer steps (and always at the end, and when preempted)."""
+    keep_last: PosInt | None = None
+    """Keep this many newest checkpoints (None: all); older ones go once a new one is complete."""
+    resume: str = Field("auto", min_length=1)
+    """`auto`: continue from the newest complete checkpoint in output_dir, if any; `never`:
+    start fresh (refused while output_dir holds checkpoints, unless overwrite); or a path."""
+    overwrite: bool = False
+    """With resume=never: delete the existing checkpoints and start fresh."""
+    resume_force: bool = False
+    """Resume even though fields that change the data order or the model changed."""
 
 
 class LogConfig(Section):

@@ -25,6 +25,7 @@ from lockstep import dist, launch  # noqa: E402
 from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
+from lockstep.training.preempt import Preempted  # noqa: E402
 
 FAILURE_DIR_ENV = "LOCKSTEP_FAILURE_DIR"  # set by `lockstep train` for the ranks it starts
 
@@ -146,6 +147,8 @@ def _record_failure(err: BaseException) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     record = {"rank": rank, "time": time.time(), "error": str(err) or type(err).__name__}
+    if isinstance(err, Preempted):
+        record["preempted"] = err.exit_code
     Path(folder, f"rank-{rank}.json").write_text(json.dumps(record))
 
 
@@ -156,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     try:
         return run(args)
+    except Preempted as e:
+        _record_failure(e)
+        if prefix in ("", "rank 0: "):
+            print(f"lockstep: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except LockstepError as e:
         _record_failure(e)
         return report(e, args.traceback, prefix)

@@ -27,3 +27,12 @@ class MetricsWriter:
 def read(path: str | Path) -> list[dict[str, Any]]:
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (a resumed run redoes those steps); step 0 empties it."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]  # fmt: skip
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")

@@ -1,4 +1,4 @@
-"""The training loop, readable top to bottom: build, then step, log, save."""
+"""The training loop, readable top to bottom: resume or start, build, then step, log, save."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from tqdm import tqdm
 
 from lockstep import config as config_mod
@@ -31,16 +32,18 @@ from lockstep.dist import (
 from lockstep.errors import TrainingError
 from lockstep.model.load import load_model, load_tokenizer
 from lockstep.report import log as logmod
-from lockstep.report.metrics import MetricsWriter
+from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
+from lockstep.training import checkpoint
 from lockstep.training.loss import backward_scale, cross_entropy_sum
 from lockstep.training.optim import build_optimizer, build_scheduler
 from lockstep.training.options import RunOptions
+from lockstep.training.preempt import Preempted, StopFlag
 
 
-def seed_rank_rngs(seed: int, rank: int) -> None:
+def seed_rank_rngs(seed: int, rank: int, step: int = 0) -> None:
     """Per-rank randomness (dropout and the like) never touches the data order or the init."""
-    s = derive_seed(seed, "rank", rank)
+    s = derive_seed(seed, "rank", rank, step)
     random.seed(s)
     np.random.seed(s % 2**32)
     torch.manual_seed(s)
@@ -61,7 +64,20 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     opts = opts or RunOptions()
     log = logmod.get()
     out = Path(cfg.output_dir)
-    seed = agree_seed(cfg.seed, d)
+    ckpt_root = out / "checkpoints"
+    if d.is_main:
+        for leftover in checkpoint.clean_incomplete(ckpt_root):
+            log.info(f"removed an incomplete checkpoint: {leftover}")
+    if d.distributed:
+        tdist.barrier()
+    resume_from = checkpoint.find_resume(cfg)
+    loaded = checkpoint.read(resume_from) if resume_from else None
+    if loaded:
+        checkpoint.check_config_change(loaded, cfg)
+    elif cfg.checkpoint.overwrite and d.is_main:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+
+    seed = agree_seed(loaded.state["seed"] if loaded else cfg.seed, d)
     if cfg.testing.desync == "seed" and d.rank == cfg.testing.desync_rank:
         seed += 1  # test-only: a rank that did not take the agreed seed
     cfg = cfg.model_copy(update={"seed": seed})
@@ -79,7 +95,166 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     steps = total_steps(cfg, order)
     model = load_model(cfg.model, derive_seed(seed, "init")).to(d.device)
     model.train()
-    seed_rank_rngs(seed, rank)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, steps)
+    start_step, rng_restored = 0, False
+    if loaded:
+        rng_restored = checkpoint.load_into(loaded, model, optimizer, scheduler, rank)
+        start_step = int(loaded.state["step"])
+        log.info(f"resuming from {loaded.path} at step {start_step} (checkpoint.resume)")
+        if start_step >= steps:
+            log.info(
+                f"the run is already complete ({start_step} of {steps} steps): nothing to train. "
+                "To train again: a new output_dir, or checkpoint.resume=never "
+                "checkpoint.overwrite=true"
+            )
+    if not rng_restored:  # a new run, or a rank the checkpoint's world did not have
+        seed_rank_rngs(seed, rank, start_step)
+    _log_plan(cfg, samples, order, steps, world, model)
+    check_lockstep(fingerprint_fields(cfg, samples, order, model, start_step), d, "after building")
+    if d.distributed:
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, world)
+    if d.is_main:
+        truncate_after(out / "metrics.jsonl", start_step)  # rows past the checkpoint: redone
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main)
+    ids_log = _sample_id_log(cfg, out, rank, world, start_step)
+    stop = StopFlag().install()
+    bar = tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train", unit="step",
+               mininterval=0.5)  # fmt: skip
+    start = time.perf_counter()
+    window_tokens, window_losses, window_start = 0, [], start
+    try:
+        for step in range(start_step, steps):
+            if cfg.testing.fail_at_step == step + 1 and cfg.testing.fail_rank == rank:
+                raise TrainingError(f"injected failure at step {step + 1} (testing.fail_at_step)")
+            loss, grad_norm, lr, tokens, targets = train_step(
+                cfg, d, opts, model, optimizer, scheduler, samples, order, step, rank, ids_log,
+                tokenizer.pad_token_id,
+            )  # fmt: skip
+            window_tokens += tokens
+            window_losses.append(loss)
+            done = step + 1
+            if d.is_main and (done % cfg.log.every_steps == 0 or done == steps):
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_start, 1e-9)
+                mean_loss = sum(window_losses) / len(window_losses)
+                window_tokens, window_losses, window_start = 0, [], now
+                metrics.write({
+                    "step": done,
+                    "epoch": round(step / order.steps_per_epoch, 4),
+                    "loss": mean_loss,  # mean over the steps since the previous logged step
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": tokens,
+                    "target_tokens": targets,
+                    "tokens_per_s": round(tps, 1),
+                    "elapsed_s": round(now - start, 3),
+                    "batch_sha": batch_sha(order.global_batch(step)),
+                    **({"replay": f"{rank}/{world}"} if opts.as_rank else {}),
+                })  # fmt: skip
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                refresh=False)  # fmt: skip
+            bar.update(1)
+            signum = stop.agreed(d)
+            every = cfg.checkpoint.every_steps
+            if signum or done == steps or (every and done % every == 0):
+                if not opts.as_rank:
+                    path = save_checkpoint(cfg, d, saver, model, optimizer, scheduler, samples,
+                                           order, done)  # fmt: skip
+                if signum:
+                    raise Preempted(signum, done, str(path))
+    finally:
+        stop.uninstall()
+        bar.close()
+        metrics.close()
+        if ids_log:
+            ids_log.close()
+
+    if d.is_main and not opts.as_rank:
+        final = save_final(getattr(model, "module", model), tokenizer, out)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
+        took = time.perf_counter() - start
+        log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
+    return out
+
+
+def train_step(
+    cfg: RunConfig, d: Dist, opts: RunOptions, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler, samples: Samples, order: Order, step: int,
+    rank: int, ids_log, pad_id: int,
+) -> tuple[float, float, float, int, int]:  # fmt: skip
+    """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, tokens."""
+    micro = order.micro_batches(step, rank)
+    global_tokens, global_targets = count(samples, order.global_batch(step))
+    scale = backward_scale(d.world_size, global_targets)
+    loss_sum = 0.0
+    for a, mb in enumerate(micro):
+        if ids_log:
+            ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": mb.tolist()}) + "\n")
+        batch = {k: v.to(d.device) for k, v in collate(samples, mb, pad_id).items()}
+        last = a == len(micro) - 1
+        with model.no_sync() if d.distributed and not last else nullcontext():
+            ce = cross_entropy_sum(model, batch)
+            (ce * scale).backward()
+        if opts.debug and not math.isfinite(ce.item()):
+            raise TrainingError(f"step {step + 1}, micro-batch {a}: non-finite loss {ce.item()}")
+        loss_sum += ce.item()
+    loss = all_reduce_sum([loss_sum], d)[0] / max(global_targets, 1)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        raise TrainingError(
+            f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
+            "lower optim.lr, check the data, or use model.dtype=float32"
+        )
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, lr, global_tokens, global_targets
+
+
+def save_checkpoint(
+    cfg: RunConfig, d: Dist, saver: checkpoint.Saver, model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer, scheduler, samples: Samples, order: Order, done: int,
+) -> Path:  # fmt: skip
+    """Verify lockstep, then every rank writes its RNG state and rank 0 completes the folder."""
+    bare = getattr(model, "module", model)
+    check_lockstep(fingerprint_fields(cfg, samples, order, bare, done), d, f"checkpoint {done}")
+    saver.write_rank_files(done)
+    if d.distributed:
+        tdist.barrier()
+    path = saver.root / checkpoint.folder_name(done)
+    if d.is_main:
+        state = {
+            "step": done,
+            "epoch": order.epoch_of(done),
+            "samples_consumed": done * order.global_size,
+            "seed": cfg.seed,
+            "config_hash": config_mod.config_hash(cfg),
+            "world_size": d.world_size,
+            "lockstep_version": _version(),
+            "data_fingerprint": samples.fingerprint,
+        }
+        path = saver.write_shared(done, bare, optimizer, scheduler, state, cfg)
+    if d.distributed:
+        tdist.barrier()
+    return path
+
+
+def _version() -> str:
+    from lockstep import __version__
+
+    return __version__
+
+
+def _log_plan(
+    cfg: RunConfig, samples: Samples, order: Order, steps: int, world: int, model
+) -> None:
+    log = logmod.get()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
         f"data: {samples.stats['samples']} samples, {samples.stats['tokens']} tokens "
@@ -91,92 +266,6 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         f"samples = {world} process(es) x {order.accumulation} accumulation x "
         f"{order.micro_size} micro-batch; {trainable / 1e6:.2f}M trainable parameters"
     )
-    fingerprint = fingerprint_fields(cfg, samples, order, model)
-    check_lockstep(fingerprint, d, when="after building data and model")
-    if d.distributed:
-        device_ids = [d.device.index] if d.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, steps)
-    if d.is_main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main)
-    ids_log = _sample_id_log(cfg, out, rank, world)
-    bar = tqdm(total=steps, disable=not d.is_main, desc="train", unit="step", mininterval=0.5)
-    start = time.perf_counter()
-    window_tokens, window_losses, window_start = 0, [], start
-
-    for step in range(steps):
-        if cfg.testing.fail_at_step == step + 1 and cfg.testing.fail_rank == rank:
-            raise TrainingError(f"injected failure at step {step + 1} (testing.fail_at_step)")
-        micro = order.micro_batches(step, rank)
-        global_tokens, global_targets = count(samples, order.global_batch(step))
-        scale = backward_scale(d.world_size, global_targets)
-        loss_sum = 0.0
-        for a, mb in enumerate(micro):
-            if ids_log:
-                ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": mb.tolist()}) + "\n")
-            batch = collate(samples, mb, tokenizer.pad_token_id)
-            batch = {k: v.to(d.device) for k, v in batch.items()}
-            last = a == len(micro) - 1
-            with model.no_sync() if d.distributed and not last else nullcontext():
-                ce = cross_entropy_sum(model, batch)
-                (ce * scale).backward()
-            if opts.debug and not math.isfinite(ce.item()):
-                raise TrainingError(
-                    f"step {step + 1}, micro-batch {a}: non-finite loss {ce.item()}"
-                )
-            loss_sum += ce.item()
-        loss = all_reduce_sum([loss_sum], d)[0] / max(global_targets, 1)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise TrainingError(
-                f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
-                "lower optim.lr, check the data, or use model.dtype=float32"
-            )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        window_tokens += global_tokens
-        window_losses.append(loss)
-        done = step + 1
-        if d.is_main and (done % cfg.log.every_steps == 0 or done == steps):
-            now = time.perf_counter()
-            tps = window_tokens / max(now - window_start, 1e-9)
-            mean_loss = sum(window_losses) / len(window_losses)
-            window_tokens, window_losses, window_start = 0, [], now
-            metrics.write({
-                "step": done,
-                "epoch": round(step / order.steps_per_epoch, 4),
-                "loss": mean_loss,  # mean over the steps since the previous logged step
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens": global_tokens,
-                "target_tokens": global_targets,
-                "tokens_per_s": round(tps, 1),
-                "elapsed_s": round(now - start, 3),
-                "batch_sha": batch_sha(order.global_batch(step)),
-                **({"replay": f"{rank}/{world}"} if opts.as_rank else {}),
-            })  # fmt: skip
-            bar.set_postfix(
-                loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False
-            )
-        bar.update(1)
-
-    bar.close()
-    metrics.close()
-    if ids_log:
-        ids_log.close()
-    if d.is_main and not opts.as_rank:
-        final = save_final(getattr(model, "module", model), tokenizer, out)
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-        took = time.perf_counter() - start
-        log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
-    return out
 
 
 def fingerprint_fields(
@@ -185,10 +274,8 @@ def fingerprint_fields(
     """What every rank must agree on before (and while) training together."""
     import transformers
 
-    from lockstep import __version__
-
     return {
-        "lockstep": __version__,
+        "lockstep": _version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "config_hash": config_mod.config_hash(cfg, exclude=("launch", "testing")),
@@ -200,12 +287,13 @@ def fingerprint_fields(
     }
 
 
-def _sample_id_log(cfg: RunConfig, out: Path, rank: int, world: int):
+def _sample_id_log(cfg: RunConfig, out: Path, rank: int, world: int, start_step: int):
     if not cfg.log.sample_ids:
         return None
-    folder = out / "sample_ids"
-    folder.mkdir(parents=True, exist_ok=True)
-    return (folder / f"rank-{rank}-of-{world}.jsonl").open("w", encoding="utf-8")
+    path = out / "sample_ids" / f"rank-{rank}-of-{world}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    truncate_after(path, start_step)
+    return path.open("a", encoding="utf-8")
 
 
 def save_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:

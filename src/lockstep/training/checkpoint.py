@@ -1,0 +1,287 @@
+"""Checkpoints that never lose a run: atomic save, retention, exact resume.
+
+Layout: OUTPUT/checkpoints/step-00000100/
+  model.safetensors      trainable parameters (all of them for full fine-tuning)
+  optimizer.pt           optimizer state  (tensors + numbers: loaded with weights_only=True)
+  scheduler.pt           scheduler state  (idem)
+  rng-rank-R.pt          python, numpy, torch and CUDA generator states of rank R
+  state.json             step, epoch, samples consumed, seed, config hash, world size, version
+  config.yaml            the resolved config of the run that wrote it
+  COMPLETE               written last; a folder without it does not exist for any reader
+
+A checkpoint is written into `.tmp-step-...`, flushed, marked COMPLETE, then renamed into place;
+older checkpoints are deleted only after the new one is complete. Nothing loaded can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lockstep import config as config_mod
+from lockstep.config import RunConfig
+from lockstep.errors import CheckpointError
+
+COMPLETE = "COMPLETE"
+PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+# fields whose change alters the data order or the model: resuming across them is refused
+GUARDED = (
+    "seed",
+    "model.path",
+    "model.dtype",
+    "finetune",
+    "data.train",
+    "data.max_length",
+    "batch.global_size",
+)
+
+
+def folder_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under OUTPUT/checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE).is_file()
+    ]
+    return sorted(found, key=lambda p: p.name)
+
+
+def clean_incomplete(root: Path) -> list[Path]:
+    """Remove leftovers of interrupted saves (no COMPLETE marker)."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or not (p / COMPLETE).is_file()):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    np_name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- save
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in path.iterdir():
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+@dataclass
+class Saver:
+    """Writes checkpoints of one run. Every rank calls save(); rank 0 writes the shared files."""
+
+    root: Path
+    keep_last: int | None
+    rank: int
+    world_size: int
+
+    def tmp_dir(self, step: int) -> Path:
+        return self.root / f"{TMP_PREFIX}{folder_name(step)}"
+
+    def write_rank_files(self, step: int) -> None:
+        """Each rank's own part (its RNG state), written before rank 0 completes the folder."""
+        tmp = self.tmp_dir(step)
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            torch.save(rng_state(), tmp / f"rng-rank-{self.rank}.pt")
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot write checkpoint into {tmp}: {e.strerror or e}"
+            ) from None
+
+    def write_shared(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        state: dict[str, Any],
+        cfg: RunConfig,
+    ) -> Path:
+        """Rank 0: weights, optimizer, scheduler, state, marker, rename, retention."""
+        tmp, final = self.tmp_dir(step), self.root / folder_name(step)
+        try:
+            save_file(trainable_state(model), tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+            config_mod.dump(cfg, tmp / "config.yaml")
+            _fsync_tree(tmp)
+            (tmp / COMPLETE).write_text("ok\n")
+            _fsync_tree(tmp)
+            if final.exists():  # a checkpoint of the same step from an earlier attempt
+                shutil.rmtree(final)
+            tmp.rename(final)
+            _fsync_dir(self.root)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
+                "is untouched (free space or fix permissions, then resume)"
+            ) from None
+        self._retain()
+        return final
+
+    def _retain(self) -> None:
+        if not self.keep_last:
+            return
+        for old in complete_checkpoints(self.root)[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- load
+
+
+@dataclass
+class Loaded:
+    path: Path
+    state: dict[str, Any]
+    config: dict[str, Any]
+
+
+def find_resume(cfg: RunConfig) -> Path | None:
+    """The checkpoint to resume from, per checkpoint.resume (auto | never | a path)."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    mode = cfg.checkpoint.resume
+    if mode == "never":
+        existing = complete_checkpoints(root)
+        if existing and not cfg.checkpoint.overwrite:
+            raise CheckpointError(
+                f"{root} already holds {len(existing)} checkpoint(s) and checkpoint.resume=never: "
+                "set checkpoint.resume=auto to continue that run, choose another output_dir, "
+                "or set checkpoint.overwrite=true to delete them and start fresh"
+            )
+        return None
+    if mode == "auto":
+        existing = complete_checkpoints(root)
+        return existing[-1] if existing else None
+    path = Path(mode)
+    if not (path / COMPLETE).is_file():
+        why = "does not exist" if not path.exists() else f"has no {COMPLETE} marker (incomplete)"
+        raise CheckpointError(f"checkpoint.resume: {path} {why}")
+    return path
+
+
+def read(path: Path) -> Loaded:
+    try:
+        state = json.loads((path / "state.json").read_text())
+        cfg = config_mod.read_file(path / "config.yaml")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    return Loaded(path, state, cfg)
+
+
+def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    out = []
+    for dotted in GUARDED:
+        a, b = old, new
+        for part in dotted.split("."):
+            a = a.get(part) if isinstance(a, dict) else None
+            b = b.get(part) if isinstance(b, dict) else None
+        if a != b:
+            out.append((dotted, a, b))
+    return out
+
+
+def check_config_change(loaded: Loaded, cfg: RunConfig) -> None:
+    """Refuse to resume across a change of data order or model, unless forced."""
+    new = config_mod.to_dict(cfg)
+    if new["seed"] is None:  # an agreed seed is inherited from the checkpoint
+        new["seed"] = loaded.config.get("seed")
+    changes = changed_fields(loaded.config, new)
+    if changes and not cfg.checkpoint.resume_force:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changes)
+        raise CheckpointError(
+            f"cannot resume from {loaded.path}: the config changed in fields that change the "
+            f"data order or the model:\n{lines}\n"
+            "Revert them, start a new output_dir, or set checkpoint.resume_force=true."
+        )
+
+
+def load_into(
+    loaded: Loaded,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rank: int,
+) -> bool:
+    """Restore weights, optimizer, scheduler and (if saved for this rank) RNG; True if RNG was."""
+    path = loaded.path
+    try:
+        tensors = load_file(path / "model.safetensors")
+        params = dict(model.named_parameters())
+        missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+        unknown = [n for n in tensors if n not in params]
+        if missing or unknown:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
+                f"unknown {unknown[:3]}"
+            )
+        with torch.no_grad():
+            for name, t in tensors.items():
+                params[name].copy_(t)
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng_file = path / f"rng-rank-{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+            return True
+        return False
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
