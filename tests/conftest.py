@@ -36,13 +36,16 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def small_config(tmp_path: Path, data: Path | None = None, **sections) -> Path:
+def small_config(tmp_path: Path, data_file: Path | None = None, **sections) -> Path:
     """A quick config on the built-in tiny model; `sections` are merged over the defaults."""
     cfg = {
         "output_dir": str(tmp_path / "out"),
         "seed": 7,
         "model": {"path": "builtin:tiny"},
-        "data": {"train": [{"path": str(data or DEMO_DATA), "format": "alpaca"}], "max_length": 64},
+        "data": {
+            "train": [{"path": str(data_file or DEMO_DATA), "format": "alpaca"}],
+            "max_length": 64,
+        },
         "batch": {"global_size": 8, "micro_size": 4},
         "train": {"max_steps": 3},
         "optim": {"lr": 1e-3, "warmup_steps": 1},

@@ -102,7 +102,7 @@ def test_messages_format(tmp_path):
         for i in range(8)
     ]
     data = write_jsonl(tmp_path / "m.jsonl", recs)
-    cfg = small_config(tmp_path, data, data={"train": [{"path": str(data), "format": "messages"}]})
+    cfg = small_config(tmp_path, data={"train": [{"path": str(data), "format": "messages"}]})
     res = run_cli("train", str(cfg), "train.max_steps=1")
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "out" / "metrics.jsonl").read_text())["target_tokens"] > 0
@@ -112,7 +112,10 @@ def test_messages_format(tmp_path):
     ("make", "expected"),
     [
         (lambda t: ("train", str(t / "missing.yaml")), "config file .*missing.yaml' not found"),
-        (lambda t: ("train", str(small_config(t, t / "nodata.jsonl"))), "nodata.jsonl' not found"),
+        (
+            lambda t: ("train", str(small_config(t, t / "nodata.jsonl"))),
+            "data.train.0.path: file '.*nodata.jsonl' not found",
+        ),
     ],
 )
 def test_errors_are_one_line_without_traceback(tmp_path, make, expected):
@@ -120,6 +123,7 @@ def test_errors_are_one_line_without_traceback(tmp_path, make, expected):
 
     res = run_cli(*make(tmp_path))
     assert res.returncode == 1
+    assert not (tmp_path / "out").exists()  # failed before creating anything
     assert re.search(r"lockstep: error: " + expected, res.stderr), res.stderr
     assert "Traceback" not in res.stderr
 

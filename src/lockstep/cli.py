@@ -18,8 +18,10 @@ from lockstep.training.preempt import Preempted
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lockstep import config, launch, train
+    from lockstep.data.dataset import check_files
 
     cfg = config.load(args.config, args.overrides)  # fail fast, before any process starts
+    check_files(cfg.data)
     flags = {k: getattr(args, k) for k in launch.ENV_VARS}
     plan = launch.plan(cfg.launch, flags, os.environ, launch.visible_gpus())
     one_process = plan.in_process or launch.debug_requested(args.debug)
@@ -68,6 +70,13 @@ def _run_torchrun(argv: list[str], describe: str) -> int:
     return code if code >= 0 else 128 - code
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from lockstep.export import export
+
+    export(Path(args.source), Path(args.out), args.dtype)
+    return 0
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from lockstep.report import env
 
@@ -96,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--master-port", dest="master_port", help="rendezvous port (MASTER_PORT)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and command, run nothing")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face folder")
+    p.add_argument("source", help="a run's output_dir (its newest checkpoint) or a checkpoint")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("env", help="versions, devices, and where lockstep is imported from")
     p.add_argument("--json", action="store_true", help="print JSON")

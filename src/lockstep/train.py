@@ -22,6 +22,7 @@ if __name__ == "__main__" and __package__ in (None, ""):
 
 from lockstep import config as config_mod  # noqa: E402
 from lockstep import dist, launch  # noqa: E402
+from lockstep.data.dataset import check_files  # noqa: E402
 from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
@@ -78,6 +79,7 @@ def options(args: argparse.Namespace) -> RunOptions:
 def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     """Train in this process (one rank of the world torchrun made, or a world of one)."""
     cfg = config_mod.load(args.config, args.overrides)
+    check_files(cfg.data)
     opts = options(args)
     how = launch.launcher(os.environ, via_lockstep)
     refusal = launch.guard(how, launch.visible_gpus(), opts.debug)

@@ -48,6 +48,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
+def check_files(cfg: DataConfig) -> None:
+    """Fail fast, before any process or folder is made, on a data file that is not there."""
+    for i, ds in enumerate(cfg.train):
+        p = Path(ds.path)
+        if not p.is_file():
+            hint = " (it is a folder)" if p.is_dir() else ""
+            raise DataError(
+                f"data.train.{i}.path: file {ds.path!r} not found{hint} (looked in {p.resolve()})"
+            )
+
+
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     """What the samples depend on: file contents, formats, tokenizer + template, max_length."""
     h = hashlib.sha256(
@@ -55,16 +66,14 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     )
     for ds in cfg.train:
         h.update(f"|{ds.format}|".encode())
-        p = Path(ds.path)
-        if not p.is_file():
-            raise DataError(f"data.train: file {ds.path!r} not found (looked in {p.resolve()})")
-        with p.open("rb") as f:
+        with Path(ds.path).open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()[:16]
 
 
 def build(cfg: DataConfig, tokenizer: Any) -> Samples:
+    check_files(cfg)
     fp = fingerprint(cfg, tokenizer)
     ids_list: list[np.ndarray] = []
     labels_list: list[np.ndarray] = []

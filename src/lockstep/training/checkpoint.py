@@ -169,10 +169,11 @@ class Saver:
                 shutil.rmtree(final)
             tmp.rename(final)
             _fsync_dir(self.root)
-        except OSError as e:
+        except Exception as e:  # OSError, and safetensors' / torch's own errors for the same
             shutil.rmtree(tmp, ignore_errors=True)
+            why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
             raise CheckpointError(
-                f"cannot write checkpoint {final}: {e.strerror or e}; the previous checkpoint "
+                f"cannot write checkpoint {final}: {why}; the previous checkpoint "
                 "is untouched (free space or fix permissions, then resume)"
             ) from None
         self._retain()
@@ -254,6 +255,26 @@ def check_config_change(loaded: Loaded, cfg: RunConfig) -> None:
         )
 
 
+def load_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copy the checkpoint's tensors into the model; every trainable parameter must be there."""
+    try:
+        tensors = load_file(path / "model.safetensors")
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {e}") from None
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
+            f"unknown {unknown[:3]}"
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+    return tensors
+
+
 def load_into(
     loaded: Loaded,
     model: torch.nn.Module,
@@ -264,18 +285,7 @@ def load_into(
     """Restore weights, optimizer, scheduler and (if saved for this rank) RNG; True if RNG was."""
     path = loaded.path
     try:
-        tensors = load_file(path / "model.safetensors")
-        params = dict(model.named_parameters())
-        missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
-        unknown = [n for n in tensors if n not in params]
-        if missing or unknown:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model: missing {missing[:3]}, "
-                f"unknown {unknown[:3]}"
-            )
-        with torch.no_grad():
-            for name, t in tensors.items():
-                params[name].copy_(t)
+        load_weights(path, model)
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank-{rank}.pt"

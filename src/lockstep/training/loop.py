@@ -77,7 +77,9 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     elif cfg.checkpoint.overwrite and d.is_main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
 
-    seed = agree_seed(loaded.state["seed"] if loaded else cfg.seed, d)
+    # a configured seed wins (a changed one is refused above unless forced); null inherits
+    inherited = loaded.state["seed"] if loaded and cfg.seed is None else cfg.seed
+    seed = agree_seed(inherited, d)
     if cfg.testing.desync == "seed" and d.rank == cfg.testing.desync_rank:
         seed += 1  # test-only: a rank that did not take the agreed seed
     cfg = cfg.model_copy(update={"seed": seed})

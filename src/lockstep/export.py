@@ -1,0 +1,37 @@
+"""Turn a run or any of its checkpoints into a standalone Hugging Face folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lockstep import config as config_mod
+from lockstep.dist import derive_seed
+from lockstep.errors import CheckpointError
+from lockstep.model.load import DTYPES, load_model, load_tokenizer
+from lockstep.training import checkpoint
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a run folder (its newest complete checkpoint)."""
+    if (path / checkpoint.COMPLETE).is_file():
+        return path
+    found = checkpoint.complete_checkpoints(path / "checkpoints")
+    if found:
+        return found[-1]
+    why = "does not exist" if not path.exists() else "is neither a complete checkpoint nor a run"
+    raise CheckpointError(f"{path} {why} (a run folder holds checkpoints/step-*/COMPLETE)")
+
+
+def export(source: Path, out: Path, dtype: str | None = None) -> Path:
+    ckpt = resolve_checkpoint(source)
+    loaded = checkpoint.read(ckpt)
+    cfg = config_mod.validate(loaded.config)
+    model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
+    tensors = checkpoint.load_weights(ckpt, model)
+    if dtype:
+        model = model.to(DTYPES[dtype])
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(cfg.model).save_pretrained(out)
+    print(f"exported {ckpt} ({len(tensors)} tensors) to {out}")
+    return out

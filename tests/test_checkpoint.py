@@ -1,0 +1,207 @@
+"""Checkpoints never lose a run: exact resume after SIGKILL, across world sizes, on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT, run_cli, small_config
+from safetensors.torch import load_file
+
+from lockstep import config
+from lockstep.report.metrics import read
+
+
+def start(cfg, *args: str, preexec=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lockstep", "train", str(cfg), *args], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=preexec,
+    )  # fmt: skip
+
+
+def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    path = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if path.is_file():
+            rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+            if rows and rows[-1]["step"] >= step:
+                return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    raise AssertionError(f"step {step} not reached")
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    steps = {"train": {"max_steps": 30}, "checkpoint": {"every_steps": 15}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    ref_cfg = small_config(tmp_path / "a", **steps)
+    assert run_cli("train", str(ref_cfg)).returncode == 0
+    reference = read(tmp_path / "a" / "out" / "metrics.jsonl")
+
+    cfg = small_config(tmp_path / "b", **steps)
+    kill_at = random.randint(16, 24)
+    proc = start(cfg)
+    wait_for_step(tmp_path / "b" / "out", kill_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr and "step-00000015" in res.stderr
+    resumed = read(tmp_path / "b" / "out" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 31))
+    for key in ("loss", "batch_sha", "grad_norm", "lr"):
+        assert [r[key] for r in resumed[15:]] == [r[key] for r in reference[15:]], key
+    a = load_file(tmp_path / "a" / "out" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "out" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_two_process_checkpoint_resumes_with_one(tmp_path):
+    sections = {"train": {"max_steps": 16}, "checkpoint": {"every_steps": 8}}
+    cfg = small_config(tmp_path, **sections)
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2")
+    assert res.returncode == 0, res.stderr
+    two = read(tmp_path / "out" / "metrics.jsonl")
+    ckpt = tmp_path / "out" / "checkpoints" / "step-00000008"
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    one_out = tmp_path / "one"
+    res = run_cli("train", str(cfg), f"output_dir={one_out}", f"checkpoint.resume={ckpt}")
+    assert res.returncode == 0, res.stderr
+    one = read(one_out / "metrics.jsonl")
+    assert [r["step"] for r in one] == list(range(9, 17))
+    assert [r["batch_sha"] for r in one] == [r["batch_sha"] for r in two[8:]]
+    assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in two[8:]], rel=1e-4)
+
+
+def test_incomplete_checkpoint_is_ignored_and_cleaned(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 10}, checkpoint={"every_steps": 5})
+    assert run_cli("train", str(cfg)).returncode == 0
+    root = tmp_path / "out" / "checkpoints"
+    (root / "step-00000010" / "COMPLETE").unlink()  # as if killed while saving
+    (root / ".tmp-step-00000011").mkdir()
+    res = run_cli("train", str(cfg), "train.max_steps=12")
+    assert res.returncode == 0, res.stderr
+    assert "resuming from" in res.stderr and "step-00000005 at step 5" in res.stderr
+    assert "removed an incomplete checkpoint" in res.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000005", "step-00000010",
+                                                      "step-00000012"]  # fmt: skip
+    assert [r["step"] for r in read(tmp_path / "out" / "metrics.jsonl")] == list(range(1, 13))
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 5}, checkpoint={"every_steps": 5})
+    assert run_cli("train", str(cfg)).returncode == 0
+    proc = start(cfg, "train.max_steps=10", preexec=_limit_file_size)  # "disk full" at 1 MiB
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "lockstep: error: cannot write checkpoint" in err and "step-00000010" in err
+    assert "the previous checkpoint is untouched" in err and "Traceback" not in err
+    root = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000005"]
+    res = run_cli("train", str(cfg), "train.max_steps=6")
+    assert res.returncode == 0 and "step-00000005 at step 5" in res.stderr
+
+
+def test_sigterm_saves_and_the_run_continues(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 400})
+    proc = start(cfg)
+    wait_for_step(tmp_path / "out", 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step" in err and "Run the same command again" in err
+    saved = [p for p in (tmp_path / "out" / "checkpoints").iterdir()]
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+    at = json.loads((saved[0] / "state.json").read_text())["step"]
+    res = run_cli("train", str(cfg), "train.max_steps=" + str(at + 2))
+    assert res.returncode == 0, res.stderr
+    assert f"at step {at}" in res.stderr
+    assert read(tmp_path / "out" / "metrics.jsonl")[-1]["step"] == at + 2
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [("seed=8", "seed: 7 -> 8"), ("data.max_length=32", "data.max_length: 64 -> 32")],
+)
+def test_resume_refuses_a_changed_data_order_unless_forced(tmp_path, change, field):
+    cfg = small_config(tmp_path, train={"max_steps": 2})
+    assert run_cli("train", str(cfg)).returncode == 0
+    res = run_cli("train", str(cfg), change, "train.max_steps=3")
+    assert res.returncode == 1 and field in res.stderr and "resume_force" in res.stderr
+    res = run_cli("train", str(cfg), change, "train.max_steps=3", "checkpoint.resume_force=true")
+    assert res.returncode == 0, res.stderr
+    resolved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert resolved == config.to_dict(config.load(cfg, [change, "train.max_steps=3",
+                                                        "checkpoint.resume_force=true"]))  # fmt: skip
+    # harmless fields may change freely
+    res = run_cli("train", str(cfg), change, "train.max_steps=4", "log.every_steps=2",
+                  "checkpoint.every_steps=3")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+
+
+def test_resume_never_refuses_existing_checkpoints_unless_overwrite(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 2})
+    assert run_cli("train", str(cfg)).returncode == 0
+    res = run_cli("train", str(cfg), "checkpoint.resume=never")
+    assert res.returncode == 1 and "checkpoint.overwrite=true" in res.stderr
+    res = run_cli("train", str(cfg), "checkpoint.resume=never", "checkpoint.overwrite=true")
+    assert res.returncode == 0 and "resuming" not in res.stderr
+
+
+def test_resume_cost_does_not_depend_on_the_step(tmp_path):
+    """Resume at step 1,000,000 reads only the samples of the steps it trains."""
+    cfg = small_config(tmp_path, train={"max_steps": 2}, log={"sample_ids": True})
+    assert run_cli("train", str(cfg)).returncode == 0
+    root = tmp_path / "out" / "checkpoints"
+    far = root / "step-01000000"
+    shutil.copytree(root / "step-00000002", far)
+    state = json.loads((far / "state.json").read_text())
+    state["step"] = 1_000_000
+    (far / "state.json").write_text(json.dumps(state))
+    res = run_cli("train", str(cfg), "train.max_steps=1000002")
+    assert res.returncode == 0, res.stderr
+    assert "at step 1000000" in res.stderr
+    lines = (tmp_path / "out" / "sample_ids" / "rank-0-of-1.jsonl").read_text().splitlines()
+    steps_read = [json.loads(x)["step"] for x in lines]
+    # 2 steps before the copy, then only steps 1,000,001 and 1,000,002 (2 micro-batches each)
+    assert steps_read == [1, 1, 2, 2, 1_000_001, 1_000_001, 1_000_002, 1_000_002]
+
+
+def test_export_a_checkpoint_to_a_hugging_face_folder(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = small_config(tmp_path, train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    assert run_cli("train", str(cfg)).returncode == 0
+    res = run_cli("export", str(tmp_path / "out"), "--out", str(tmp_path / "hf"))
+    assert res.returncode == 0, res.stderr
+    ids = torch.tensor([[1, 20, 30, 40, 2]])
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "final")
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, final(ids).logits)
+    step2 = tmp_path / "out" / "checkpoints" / "step-00000002"
+    res = run_cli("export", str(step2), "--out", str(tmp_path / "hf2"), "--dtype", "bfloat16")
+    assert res.returncode == 0, res.stderr
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "hf2")
+    assert next(m2.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        assert not torch.allclose(m2(ids).logits.float(), final(ids).logits, atol=1e-3)
+    res = run_cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
+    assert res.returncode == 1 and "nothing does not exist" in res.stderr
