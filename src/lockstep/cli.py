@@ -70,6 +70,19 @@ def _run_torchrun(argv: list[str], describe: str) -> int:
     return code if code >= 0 else 128 - code
 
 
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from lockstep import config
+    from lockstep.data import dataset, preview
+    from lockstep.model.load import load_tokenizer
+
+    cfg = config.load(args.config, args.overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    samples = dataset.build(cfg.data, tokenizer)
+    colour = sys.stdout.isatty() and not args.no_colour
+    print(preview.report(tokenizer, samples, args.n, colour))
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from lockstep.export import export
 
@@ -105,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--master-port", dest="master_port", help="rendezvous port (MASTER_PORT)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and command, run nothing")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("data", help="look at the data as the model will see it")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    p = data_sub.add_parser("preview", help="rendered samples with trained tokens marked, counts")
+    p.add_argument("config", help="run config (YAML or JSON)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
+    p.add_argument("--no-colour", action="store_true", help="[[brackets]] even on a terminal")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    p.set_defaults(func=_cmd_data_preview)
 
     p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face folder")
     p.add_argument("source", help="a run's output_dir (its newest checkpoint) or a checkpoint")

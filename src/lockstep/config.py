@@ -41,12 +41,28 @@ class FinetuneConfig(Section):
 
 class DatasetConfig(Section):
     path: str = Field(min_length=1)
-    format: Literal["alpaca", "messages"] = "alpaca"
+    """A .jsonl/.json/.csv/.parquet file, a folder of them, or a Hugging Face dataset name."""
+    format: Literal["alpaca", "messages", "sharegpt", "text"] = "alpaca"
+    split: str = "train"
+    """The split of a Hugging Face dataset."""
+    columns: dict[str, str] | None = None
+    """lockstep's field name -> the dataset's, e.g. {instruction: prompt, output: response}."""
+    max_samples: PosInt | None = None
+    """Use only the first N records of this dataset."""
 
 
 class DataConfig(Section):
     train: list[DatasetConfig] = Field(min_length=1)
+    """Concatenated in the listed order; the data order then shuffles them together."""
     max_length: Annotated[int, Field(ge=8, le=1_048_576)] = 512
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """What to do with a sample longer than max_length."""
+    template: Literal["chatml", "llama3", "plain"] | None = None
+    """None: the tokenizer's own chat template; else a built-in one (for tokenizers without)."""
+    train_on: Literal["assistant", "last", "all"] = "assistant"
+    """Which tokens carry loss: every assistant turn, only the last one, or everything."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """`error`: a bad record stops the run naming file:line; `skip`: count and report them."""
 
 
 class BatchConfig(Section):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lockstep.config import DataConfig
-from lockstep.data.formats import read_records, to_messages
+from lockstep.config import DataConfig, DatasetConfig
+from lockstep.data import formats, sources
 from lockstep.data.render import IGNORE, render
 from lockstep.errors import DataError
 
-DATA_VERSION = 1  # bump when tokenisation or masking changes
+DATA_VERSION = 2  # bump when tokenisation or masking changes
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Samples:
     input_ids: list[np.ndarray]
     labels: list[np.ndarray]
     fingerprint: str
-    stats: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -39,37 +39,41 @@ class Samples:
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     h = hashlib.sha256()
-    h.update(
-        tokenizer.backend_tokenizer.to_str().encode()
-        if hasattr(tokenizer, "backend_tokenizer")
-        else b""
-    )
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     return h.hexdigest()[:16]
 
 
 def check_files(cfg: DataConfig) -> None:
-    """Fail fast, before any process or folder is made, on a data file that is not there."""
+    """Fail fast, before any process or folder is made, on a data path that is not there."""
     for i, ds in enumerate(cfg.train):
-        p = Path(ds.path)
-        if not p.is_file():
-            hint = " (it is a folder)" if p.is_dir() else ""
+        hf = sources.is_saved_dataset(ds.path) or sources.is_hub_name(ds.path)
+        if not hf and not sources.files_of(ds.path):
+            p = sources.Path(ds.path)
             raise DataError(
-                f"data.train.{i}.path: file {ds.path!r} not found{hint} (looked in {p.resolve()})"
+                f"data.train.{i}.path: file {ds.path!r} not found (looked in {p.resolve()})"
             )
 
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
-    """What the samples depend on: file contents, formats, tokenizer + template, max_length."""
-    h = hashlib.sha256(
-        f"v{DATA_VERSION}|{cfg.max_length}|{tokenizer_fingerprint(tokenizer)}".encode()
-    )
+    """What the samples depend on: contents, data settings, tokenizer + template, version."""
+    settings = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    h = hashlib.sha256(f"v{DATA_VERSION}|{settings}|{tokenizer_fingerprint(tokenizer)}".encode())
     for ds in cfg.train:
-        h.update(f"|{ds.format}|".encode())
-        with Path(ds.path).open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        h.update(sources.content_hash(ds.path, ds.split).encode())
     return h.hexdigest()[:16]
+
+
+def encode(tokenizer: Any, rec: sources.Record, ds: DatasetConfig, cfg: DataConfig):
+    """One record -> (input_ids, labels); DataError names the record."""
+    conv = formats.convert(rec, ds.format, ds.columns)
+    if isinstance(conv, str):  # text: every token is trained, ending with eos
+        ids = tokenizer(conv, add_special_tokens=True)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = [*ids, tokenizer.eos_token_id]
+        return ids, list(ids)
+    return render(tokenizer, conv, rec.where, train_on=cfg.train_on, template=cfg.template)
 
 
 def build(cfg: DataConfig, tokenizer: Any) -> Samples:
@@ -77,24 +81,42 @@ def build(cfg: DataConfig, tokenizer: Any) -> Samples:
     fp = fingerprint(cfg, tokenizer)
     ids_list: list[np.ndarray] = []
     labels_list: list[np.ndarray] = []
-    truncated = 0
+    bad: list[str] = []
+    truncated = dropped = 0
     for ds in cfg.train:
-        for rec in read_records(ds.path):
-            ids, labels = render(tokenizer, to_messages(rec, ds.format), rec.where)
+        taken = 0
+        for rec in sources.read(ds.path, ds.split):
+            if ds.max_samples is not None and taken >= ds.max_samples:
+                break
+            try:
+                ids, labels = encode(tokenizer, rec, ds, cfg)
+            except DataError as e:
+                if cfg.on_bad_record == "error":
+                    raise DataError(f"{e} (data.on_bad_record=skip skips such records)") from None
+                bad.append(str(e))
+                continue
+            taken += 1
             if len(ids) > cfg.max_length:
+                if cfg.overlong == "drop":
+                    dropped += 1
+                    continue
                 ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
                 truncated += 1
             ids_list.append(np.asarray(ids, dtype=np.int64))
             labels_list.append(np.asarray(labels, dtype=np.int64))
     if not ids_list:
         files = ", ".join(ds.path for ds in cfg.train)
-        raise DataError(f"data.train holds no records ({files})")
+        why = f" ({len(bad)} bad records skipped, {dropped} too long)" if bad or dropped else ""
+        raise DataError(f"data.train holds no usable records{why}: {files}")
     lengths = np.array([len(x) for x in ids_list])
     stats = {
         "samples": len(ids_list),
         "tokens": int(lengths.sum()),
         "target_tokens": int(sum(int((lab != IGNORE).sum()) for lab in labels_list)),
         "truncated": truncated,
+        "dropped": dropped,
+        "skipped": len(bad),
+        "first_skipped": bad[:3],
         "max_len": int(lengths.max()),
     }
     return Samples(ids_list, labels_list, fp, stats)

@@ -1,92 +1,70 @@
-"""Records in the shapes users have -> conversations (lists of {role, content}).
+"""Records in the shapes users have -> conversations (lists of {role, content}), or plain text.
 
-Each record carries its location (file:line) so a bad one is reported where it is.
+`columns` maps lockstep's field names to the dataset's (`{instruction: prompt}`), so a dataset
+never needs rewriting to be used.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from lockstep.data.sources import Record
 from lockstep.errors import DataError
 
 Message = dict[str, str]
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant",
+    "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+    "function_call": "assistant", "function": "tool", "observation": "tool", "tool": "tool",
+}  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Record:
-    where: str  # "file:line" for error messages
-    fields: dict[str, Any]
+class Fields:
+    """A record's fields under lockstep's names (remapped by `columns`), with typed getters."""
+
+    def __init__(self, rec: Record, columns: dict[str, str] | None) -> None:
+        self.where = rec.where
+        self.raw = rec.fields
+        self.columns = columns or {}
+
+    def get(self, key: str) -> Any:
+        return self.raw.get(self.columns.get(key, key))
+
+    def text(self, key: str, required: bool = True) -> str:
+        name = self.columns.get(key, key)
+        value = self.raw.get(name)
+        if value is None:
+            if required:
+                have = ", ".join(sorted(map(str, self.raw))) or "none"
+                mapped = f" (mapped from {key!r} by columns)" if name != key else ""
+                raise DataError(
+                    f"{self.where}: missing field {name!r}{mapped} (fields present: {have})"
+                )
+            return ""
+        if not isinstance(value, str):
+            raise DataError(
+                f"{self.where}: field {name!r} must be a string, got {type(value).__name__}"
+            )
+        return value
 
 
-def read_records(path: str | Path) -> Iterator[Record]:
-    """Yield the records of a .jsonl or .json (list of objects) file."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data file {str(p)!r} not found (looked in {p.resolve()})")
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(
-                        f"{p}:{lineno}: invalid JSON: {e.msg} (column {e.colno})"
-                    ) from None
-                if not isinstance(obj, dict):
-                    raise DataError(
-                        f"{p}:{lineno}: expected a JSON object per line, got {type(obj).__name__}"
-                    )
-                yield Record(f"{p}:{lineno}", obj)
-    elif suffix == ".json":
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
-        if not isinstance(data, list):
-            raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
-        for i, obj in enumerate(data):
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}: record {i}: expected an object, got {type(obj).__name__}")
-            yield Record(f"{p}: record {i}", obj)
-    else:
-        raise DataError(f"{p}: unsupported file type {suffix!r} (use .jsonl or .json)")
-
-
-def _text(rec: Record, key: str, required: bool = True) -> str:
-    value = rec.fields.get(key)
-    if value is None:
-        if required:
-            have = ", ".join(sorted(map(str, rec.fields))) or "none"
-            raise DataError(f"{rec.where}: missing field {key!r} (fields present: {have})")
-        return ""
-    if not isinstance(value, str):
-        raise DataError(f"{rec.where}: field {key!r} must be a string, got {type(value).__name__}")
-    return value
-
-
-def alpaca(rec: Record) -> list[Message]:
+def alpaca(f: Fields) -> list[Message]:
     """instruction (+ input) -> user, output -> assistant; optional system and history pairs."""
-    instruction, extra = _text(rec, "instruction"), _text(rec, "input", required=False)
-    output = _text(rec, "output")
+    instruction, extra, output = f.text("instruction"), f.text("input", False), f.text("output")
     if not output.strip():
-        raise DataError(f"{rec.where}: field 'output' is empty: nothing to train on")
+        raise DataError(f"{f.where}: field 'output' is empty: nothing to train on")
     messages: list[Message] = []
-    system = _text(rec, "system", required=False)
+    system = f.text("system", required=False)
     if system:
         messages.append({"role": "system", "content": system})
-    history = rec.fields.get("history") or []
+    history = f.get("history") or []
     if not isinstance(history, list) or not all(
         isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(t, str) for t in h)
         for h in history
     ):
-        raise DataError(f"{rec.where}: field 'history' must be a list of [user, assistant] pairs")
+        raise DataError(f"{f.where}: field 'history' must be a list of [user, assistant] pairs")
     for user, assistant in history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     user = f"{instruction}\n\n{extra}" if extra else instruction
@@ -94,35 +72,55 @@ def alpaca(rec: Record) -> list[Message]:
     return messages
 
 
-ROLES = ("system", "user", "assistant", "tool")
+def messages(f: Fields) -> list[Message]:
+    """OpenAI style: `messages: [{role, content}]`."""
+    return _turns(f, "messages", "role", "content", {r: r for r in ROLES})
 
 
-def messages(rec: Record) -> list[Message]:
-    """OpenAI-style `messages: [{role, content}]`."""
-    msgs = rec.fields.get("messages")
-    if not isinstance(msgs, list) or not msgs:
+def sharegpt(f: Fields) -> list[Message]:
+    """`conversations: [{from, value}]` with human/gpt/system/function... speakers."""
+    return _turns(f, "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def _turns(
+    f: Fields, key: str, role_key: str, text_key: str, roles: dict[str, str]
+) -> list[Message]:
+    turns = f.get(key)
+    name = f.columns.get(key, key)
+    if not isinstance(turns, list) or not turns:
         raise DataError(
-            f"{rec.where}: field 'messages' must be a non-empty list of {{role, content}}"
+            f"{f.where}: field {name!r} must be a non-empty list of {{{role_key}, {text_key}}}"
         )
     out: list[Message] = []
-    for i, m in enumerate(msgs):
+    for i, t in enumerate(turns):
         if (
-            not isinstance(m, dict)
-            or m.get("role") not in ROLES
-            or not isinstance(m.get("content"), str)
+            not isinstance(t, dict)
+            or t.get(role_key) not in roles
+            or not isinstance(t.get(text_key), str)
         ):
             raise DataError(
-                f"{rec.where}: messages[{i}] must be {{role, content}} with role in {ROLES} "
-                f"and string content, got {json.dumps(m)[:80]}"
+                f"{f.where}: {name}[{i}] must be {{{role_key}, {text_key}}} with {role_key} in "
+                f"{sorted(roles)} and a string {text_key}, got {json.dumps(t)[:80]}"
             )
-        out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-        raise DataError(f"{rec.where}: no non-empty assistant message: nothing to train on")
+        out.append({"role": roles[t[role_key]], "content": t[text_key]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{f.where}: no assistant turn in {name!r}: nothing to train on")
     return out
 
 
-FORMATS = {"alpaca": alpaca, "messages": messages}
+def text(f: Fields) -> str:
+    """Plain pretraining text: every token is trained."""
+    value = f.text("text")
+    if not value.strip():
+        raise DataError(f"{f.where}: field {f.columns.get('text', 'text')!r} is empty")
+    return value
 
 
-def to_messages(rec: Record, fmt: str) -> list[Message]:
-    return FORMATS[fmt](rec)
+FORMATS = {"alpaca": alpaca, "messages": messages, "sharegpt": sharegpt, "text": text}
+
+
+def convert(rec: Record, fmt: str, columns: dict[str, str] | None = None) -> list[Message] | str:
+    """A record -> a conversation (or text for the `text` format); DataError names the record."""
+    if rec.error:
+        raise DataError(f"{rec.where}: {rec.error}")
+    return FORMATS[fmt](Fields(rec, columns))

@@ -258,11 +258,17 @@ def _log_plan(
 ) -> None:
     log = logmod.get()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    st = samples.stats
     log.info(
-        f"data: {samples.stats['samples']} samples, {samples.stats['tokens']} tokens "
-        f"({samples.stats['target_tokens']} trained), {samples.stats['truncated']} truncated "
-        f"to {cfg.data.max_length}; fingerprint {samples.fingerprint}"
+        f"data: {st['samples']} samples, {st['tokens']} tokens ({st['target_tokens']} trained); "
+        f"longer than {cfg.data.max_length}: {st['truncated']} truncated, {st['dropped']} "
+        f"dropped; fingerprint {samples.fingerprint}"
     )
+    if st["skipped"]:
+        first = "\n  ".join(st["first_skipped"])
+        log.warning(
+            f"skipped {st['skipped']} bad records (data.on_bad_record=skip); first:\n  {first}"
+        )
     log.info(
         f"plan: {steps} optimizer steps ({order.steps_per_epoch}/epoch) of {order.global_size} "
         f"samples = {world} process(es) x {order.accumulation} accumulation x "

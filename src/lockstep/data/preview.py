@@ -1,0 +1,51 @@
+"""`lockstep data preview`: see exactly what the model will train on, without loading weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lockstep.data.dataset import Samples
+from lockstep.data.render import IGNORE
+
+COLOUR_ON, COLOUR_OFF = "\x1b[1;32m", "\x1b[0m"
+
+
+def marked(tokenizer: Any, ids: np.ndarray, labels: np.ndarray, colour: bool) -> str:
+    """The sample's text with trained spans in green (a terminal) or [[brackets]] (otherwise)."""
+    on, off = (COLOUR_ON, COLOUR_OFF) if colour else ("[[", "]]")
+    out, run, trained = [], [], None
+    for tok, lab in zip(ids.tolist(), labels.tolist(), strict=True):
+        is_trained = lab != IGNORE
+        if trained is not None and is_trained != trained:
+            text = tokenizer.decode(run)
+            out.append(f"{on}{text}{off}" if trained else text)
+            run = []
+        run.append(tok)
+        trained = is_trained
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{on}{text}{off}" if trained else text)
+    return "".join(out)
+
+
+def report(tokenizer: Any, samples: Samples, n: int, colour: bool) -> str:
+    parts = []
+    for i in range(min(n, len(samples))):
+        body = marked(tokenizer, samples.input_ids[i], samples.labels[i], colour)
+        parts.append(f"--- sample {i} ({len(samples.input_ids[i])} tokens)\n{body}")
+    st = samples.stats
+    lengths = np.array([len(x) for x in samples.input_ids])
+    p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
+    parts.append(
+        "--- statistics\n"
+        f"samples:        {st['samples']}\n"
+        f"tokens:         {st['tokens']}\n"
+        f"trained tokens: {st['target_tokens']} ({st['target_tokens'] / max(st['tokens'], 1):.1%})\n"
+        f"length:         min {lengths.min()}, p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()}\n"
+        f"too long:       {st['truncated']} truncated, {st['dropped']} dropped\n"
+        f"bad records:    {st['skipped']} skipped\n"
+        f"fingerprint:    {samples.fingerprint}"
+    )
+    return "\n".join(parts)

@@ -1,0 +1,182 @@
+"""Data sources, formats, column remapping, mixing, overlong and bad-record policies."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from conftest import run_cli, small_config, write_jsonl
+
+from lockstep.config import DataConfig
+from lockstep.data import dataset
+from lockstep.data.render import IGNORE
+from lockstep.errors import DataError
+from lockstep.model.load import BUILTIN_DIR
+
+ALPACA = [{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i}"} for i in range(6)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(BUILTIN_DIR / "tiny")
+
+
+def build(tok, *train, **data):
+    return dataset.build(DataConfig(train=list(train), **data), tok)
+
+
+def trained_text(tok, samples, i: int) -> str:
+    ids, labels = samples.input_ids[i], samples.labels[i]
+    return tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE])
+
+
+def test_every_source_type_reads_the_same_records(tmp_path, tok):
+    write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    (tmp_path / "a.json").write_text(json.dumps(ALPACA))
+    with (tmp_path / "a.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["instruction", "input", "output"])
+        w.writeheader()
+        w.writerows(ALPACA)
+    pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "a.parquet")
+    results = [build(tok, {"path": str(tmp_path / f"a.{ext}")}) for ext in
+               ("jsonl", "json", "csv", "parquet")]  # fmt: skip
+    for r in results:
+        assert [x.tolist() for x in r.input_ids] == [x.tolist() for x in results[0].input_ids]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "1.jsonl", ALPACA[:2])
+    write_jsonl(folder / "2.jsonl", ALPACA[2:])
+    assert len(build(tok, {"path": str(folder)})) == 6
+
+
+def test_hugging_face_datasets_saved_to_disk(tmp_path, tok):
+    import datasets
+
+    datasets.Dataset.from_list(ALPACA).save_to_disk(tmp_path / "one")
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(ALPACA[:4]),
+                                   "test": datasets.Dataset.from_list(ALPACA[4:])})  # fmt: skip
+    splits.save_to_disk(tmp_path / "dict")
+    got = build(tok, {"path": str(tmp_path / "one")})
+    assert len(got) == 6 and trained_text(tok, got, 0) == "0 0<|im_end|>"
+    assert len(build(tok, {"path": str(tmp_path / "dict"), "split": "test"})) == 2
+    with pytest.raises(DataError, match="loading it as a Hugging Face dataset .split 'nope'"):
+        build(tok, {"path": str(tmp_path / "dict"), "split": "nope"})
+
+
+def test_formats_and_column_remapping(tmp_path, tok):
+    sharegpt = [
+        {
+            "conversations": [
+                {"from": "system", "value": "Be terse."},
+                {"from": "human", "value": "hi"},
+                {"from": "gpt", "value": "yo"},
+            ]
+        }
+    ]
+    messages = [{"messages": [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": "hey"}]}]  # fmt: skip
+    text = [{"body": "plain words here"}]
+    renamed = [{"q": "Say x.", "a": "x"}]
+    got = build(
+        tok,
+        {"path": str(write_jsonl(tmp_path / "s.jsonl", sharegpt)), "format": "sharegpt"},
+        {"path": str(write_jsonl(tmp_path / "m.jsonl", messages)), "format": "messages"},
+        {"path": str(write_jsonl(tmp_path / "t.jsonl", text)), "format": "text",
+         "columns": {"text": "body"}},
+        {"path": str(write_jsonl(tmp_path / "r.jsonl", renamed)),
+         "columns": {"instruction": "q", "output": "a"}},
+    )  # fmt: skip
+    assert [trained_text(tok, got, i) for i in (0, 1, 3)] == ["yo<|im_end|>", "hey<|im_end|>",
+                                                              "x<|im_end|>"]  # fmt: skip
+    assert (got.labels[2] == got.input_ids[2]).all()  # text: every token trained
+    assert tok.decode(got.input_ids[2]) == "plain words here<|im_end|>"
+
+
+def test_mixing_keeps_order_and_max_samples(tmp_path, tok):
+    a = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    b = write_jsonl(tmp_path / "b.jsonl", [{**r, "output": "B"} for r in ALPACA])
+    got = build(tok, {"path": str(a), "max_samples": 2}, {"path": str(b)})
+    assert len(got) == 8
+    assert [trained_text(tok, got, i) for i in (0, 1, 2)] == ["0 0<|im_end|>", "1 1<|im_end|>",
+                                                              "B<|im_end|>"]  # fmt: skip
+
+
+def test_overlong_truncate_or_drop(tmp_path, tok):
+    recs = [*ALPACA, {"instruction": "long " * 100, "input": "", "output": "x"}]
+    path = str(write_jsonl(tmp_path / "a.jsonl", recs))
+    cut = build(tok, {"path": path}, max_length=32)
+    assert len(cut) == 7 and cut.stats["truncated"] == 1 and max(map(len, cut.input_ids)) == 32
+    drop = build(tok, {"path": path}, max_length=32, overlong="drop")
+    assert len(drop) == 6 and drop.stats["dropped"] == 1
+
+
+def test_bad_line_7_is_named_and_skip_counts(tmp_path, tok):
+    lines = [json.dumps(r) for r in ALPACA + ALPACA]
+    lines[6] = '{"instruction": "x", "output": '  # broken JSON on line 7
+    lines[8] = json.dumps({"instruction": "x"})  # line 9: no output
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:7: invalid JSON.*on_bad_record=skip"):
+        build(tok, {"path": str(path)})
+    got = build(tok, {"path": str(path)}, on_bad_record="skip")
+    assert len(got) == 10 and got.stats["skipped"] == 2
+    assert got.stats["first_skipped"][0].startswith(f"{path}:7: invalid JSON")
+    assert (
+        got.stats["first_skipped"][1]
+        == f"{path}:9: missing field 'output' (fields present: instruction)"
+    )
+
+
+def test_skip_is_reported_by_the_cli(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps(r) for r in ALPACA * 3] + ["not json"]) + "\n")
+    res = run_cli("train", str(small_config(tmp_path, path)), "data.on_bad_record=skip",
+                  "train.max_steps=1")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (
+        f"skipped 1 bad records (data.on_bad_record=skip); first:\n  {path}:19: invalid JSON"
+        in res.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("records", "fmt", "message"),
+    [
+        ([{"instruction": "a", "output": 3}], "alpaca", "field 'output' must be a string, got int"),
+        ([{"messages": [{"role": "bot", "content": "x"}]}], "messages", "messages[0] must be"),
+        ([{"conversations": [{"from": "human", "value": "x"}]}], "sharegpt", "no assistant turn"),
+        ([{"text": ""}], "text", "field 'text' is empty"),
+    ],
+)
+def test_wrong_records_say_what_was_expected(tmp_path, tok, records, fmt, message):
+    path = write_jsonl(tmp_path / "x.jsonl", records)
+    with pytest.raises(
+        DataError, match=rf"{path}:1: .*{message}".replace("[", r"\[").replace("]", r"\]")
+    ):
+        build(tok, {"path": str(path), "format": fmt})
+
+
+def test_missing_path_and_unsupported_type(tmp_path, tok):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        build(tok, {"path": str(tmp_path / "x.txt")})
+    with pytest.raises(DataError, match="not found"):
+        build(tok, {"path": str(tmp_path / "nope.jsonl")})
+
+
+def test_data_preview_marks_trained_tokens_and_counts():
+    res = run_cli("data", "preview", "examples/demo.yaml", "-n", "2")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert out.count("--- sample ") == 2
+    first = out.split("--- sample 0")[1].split("--- sample 1")[0]
+    assert "<|im_start|>assistant\n[[" in first and "<|im_end|>]]" in first
+    assert first.count("[[") == 1  # only the assistant turn is trained
+    for key in ("samples:        2000", "trained tokens:", "length:         min", "p90",
+                "too long:       0 truncated, 0 dropped", "bad records:    0 skipped"):  # fmt: skip
+        assert key in out, key
