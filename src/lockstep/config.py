@@ -61,6 +61,9 @@ class DataConfig(Section):
     """None: the tokenizer's own chat template; else a built-in one (for tokenizers without)."""
     train_on: Literal["assistant", "last", "all"] = "assistant"
     """Which tokens carry loss: every assistant turn, only the last one, or everything."""
+    packing: bool = False
+    """Pack samples into sequences of max_length (attention stays inside each sample); the
+    global batch then counts packed sequences."""
     on_bad_record: Literal["error", "skip"] = "error"
     """`error`: a bad record stops the run naming file:line; `skip`: count and report them."""
 

@@ -16,6 +16,8 @@ def collate(samples: Samples, ids: np.ndarray, pad_id: int) -> dict[str, torch.T
     `labels[i, t]` is the target for position t (the token at t+1), IGNORE where nothing is
     trained, so the loss is a plain sum over positions with no shifting inside the model.
     """
+    if samples.position_ids is not None:
+        return _collate_packed(samples, ids, pad_id)
     rows = [(samples.input_ids[i], samples.labels[i]) if i != PAD else None for i in ids]
     width = max((len(r[0]) for r in rows if r is not None), default=1)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -33,4 +35,29 @@ def collate(samples: Samples, ids: np.ndarray, pad_id: int) -> dict[str, torch.T
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "attention_mask": torch.from_numpy(attention),
+    }
+
+
+def _collate_packed(samples: Samples, ids: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Packed rows: position ids instead of a 2-D attention mask (see data/packing.py).
+
+    Padding after the last sample gets positions 0, 1, ... of its own, so it forms a separate
+    sequence that no real token attends to (causal attention looks only backwards).
+    """
+    width = max((len(samples.input_ids[i]) for i in ids if i != PAD), default=1)
+    input_ids = np.full((len(ids), width), pad_id, dtype=np.int64)
+    labels = np.full((len(ids), width), IGNORE, dtype=np.int64)
+    positions = np.tile(np.arange(width, dtype=np.int64), (len(ids), 1))
+    for j, i in enumerate(ids):
+        if i == PAD:
+            continue
+        toks, labs, pos = samples.input_ids[i], samples.labels[i], samples.position_ids[i]
+        input_ids[j, : len(toks)] = toks
+        labels[j, : len(toks) - 1] = labs[1:]
+        positions[j, : len(toks)] = pos
+        positions[j, len(toks) :] = np.arange(width - len(toks))
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "labels": torch.from_numpy(labels),
+        "position_ids": torch.from_numpy(positions),
     }

@@ -23,6 +23,7 @@ class Samples:
     labels: list[np.ndarray]
     fingerprint: str
     stats: dict[str, Any] = field(default_factory=dict)
+    position_ids: list[np.ndarray] | None = None  # packed: positions restart at each sample
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -30,7 +31,8 @@ class Samples:
     def without_last(self) -> Samples:
         """A copy lacking the last sample, with the fingerprint that content has (testing)."""
         fp = hashlib.sha256(f"{self.fingerprint}|without-last".encode()).hexdigest()[:16]
-        return Samples(self.input_ids[:-1], self.labels[:-1], fp, dict(self.stats))
+        positions = self.position_ids[:-1] if self.position_ids is not None else None
+        return Samples(self.input_ids[:-1], self.labels[:-1], fp, dict(self.stats), positions)
 
     def target_tokens(self, i: int) -> int:
         """Tokens that carry loss for sample i (labels are aligned with inputs, shifted later)."""
@@ -119,4 +121,9 @@ def build(cfg: DataConfig, tokenizer: Any) -> Samples:
         "first_skipped": bad[:3],
         "max_len": int(lengths.max()),
     }
-    return Samples(ids_list, labels_list, fp, stats)
+    samples = Samples(ids_list, labels_list, fp, stats)
+    if cfg.packing:
+        from lockstep.data.packing import pack
+
+        samples = pack(samples, cfg.max_length)
+    return samples

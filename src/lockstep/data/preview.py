@@ -46,6 +46,11 @@ def report(tokenizer: Any, samples: Samples, n: int, colour: bool) -> str:
         f"length:         min {lengths.min()}, p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()}\n"
         f"too long:       {st['truncated']} truncated, {st['dropped']} dropped\n"
         f"bad records:    {st['skipped']} skipped\n"
-        f"fingerprint:    {samples.fingerprint}"
+        + (
+            f"packing:        {st['packs']} sequences, {st['packing_efficiency']:.1%} real tokens\n"
+            if "packs" in st
+            else ""
+        )
+        + f"fingerprint:    {samples.fingerprint}"
     )
     return "\n".join(parts)

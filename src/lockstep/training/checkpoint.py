@@ -42,6 +42,7 @@ GUARDED = (
     "finetune",
     "data.train",
     "data.max_length",
+    "data.packing",
     "batch.global_size",
 )
 

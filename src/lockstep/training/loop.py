@@ -264,6 +264,11 @@ def _log_plan(
         f"longer than {cfg.data.max_length}: {st['truncated']} truncated, {st['dropped']} "
         f"dropped; fingerprint {samples.fingerprint}"
     )
+    if "packs" in st:
+        log.info(
+            f"packing: {st['samples']} samples into {st['packs']} sequences of "
+            f"{cfg.data.max_length} tokens, {st['packing_efficiency']:.1%} of them real tokens"
+        )
     if st["skipped"]:
         first = "\n  ".join(st["first_skipped"])
         log.warning(

@@ -22,9 +22,10 @@ from lockstep.data.render import IGNORE
 
 def cross_entropy_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of cross entropy over the target positions of a micro-batch (labels pre-shifted)."""
-    out = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    )
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # use_cache=False also matters for packing: with a cache, transformers skips deriving the
+    # block-diagonal mask from restarting position ids (see data/packing.py)
+    out = model(**inputs, use_cache=False)
     logits = out.logits.float()
     return F.cross_entropy(
         logits.view(-1, logits.size(-1)),
