@@ -45,6 +45,7 @@ def small_config(tmp_path: Path, data_file: Path | None = None, **sections) -> P
         "data": {
             "train": [{"path": str(data_file or DEMO_DATA), "format": "alpaca"}],
             "max_length": 64,
+            "cache_dir": str(tmp_path / "cache"),
         },
         "batch": {"global_size": 8, "micro_size": 4},
         "train": {"max_steps": 3},

@@ -180,3 +180,41 @@ def test_data_preview_marks_trained_tokens_and_counts():
     for key in ("samples:        2000", "trained tokens:", "length:         min", "p90",
                 "too long:       0 truncated, 0 dropped", "bad records:    0 skipped"):  # fmt: skip
         assert key in out, key
+
+
+def test_cache_is_reused_and_rebuilt_when_any_input_changes(tmp_path, tok):
+    from lockstep.data import cache
+
+    data = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    base = {"train": [{"path": str(data)}], "cache_dir": str(tmp_path / "c"), "max_length": 64}
+    first, how = cache.load_or_build(DataConfig(**base), tok)
+    assert how.startswith("tokenised, cached in ")
+    again, how = cache.load_or_build(DataConfig(**base, num_proc=2), tok)  # num_proc: same data
+    assert how.startswith("reusing tokenised data from ")
+    assert [x.tolist() for x in again.labels] == [x.tolist() for x in first.labels]
+    changes = [{"max_length": 32}, {"train_on": "all"}, {"template": "plain"}, {"packing": True},
+               {"overlong": "drop"}, {"train": [{"path": str(data), "max_samples": 3}]}]  # fmt: skip
+    for change in changes:
+        _, how = cache.load_or_build(DataConfig(**{**base, **change}), tok)
+        assert how.startswith("tokenised"), change
+    write_jsonl(data, ALPACA[:5])  # new file contents
+    assert cache.load_or_build(DataConfig(**base), tok)[1].startswith("tokenised")
+    tok2 = type(tok).from_pretrained(BUILTIN_DIR / "tiny")
+    tok2.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    assert cache.load_or_build(DataConfig(**base), tok2)[1].startswith("tokenised")
+
+
+def test_second_run_does_not_tokenise_again(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 1})
+    first = run_cli("train", str(cfg))
+    assert first.returncode == 0 and "data: tokenised, cached in" in first.stderr
+    second = run_cli("train", str(cfg), f"output_dir={tmp_path / 'two'}")
+    assert second.returncode == 0 and "data: reusing tokenised data from" in second.stderr
+
+
+def test_num_proc_gives_the_same_samples(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ALPACA * 50 + [{"instruction": "x"}])
+    one = build(tok, {"path": str(data)}, on_bad_record="skip")
+    two = build(tok, {"path": str(data)}, on_bad_record="skip", num_proc=2)
+    assert [x.tolist() for x in one.input_ids] == [x.tolist() for x in two.input_ids]
+    assert one.stats == two.stats and one.stats["skipped"] == 1

@@ -72,12 +72,13 @@ def _run_torchrun(argv: list[str], describe: str) -> int:
 
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from lockstep import config
-    from lockstep.data import dataset, preview
+    from lockstep.data import cache, preview
     from lockstep.model.load import load_tokenizer
 
     cfg = config.load(args.config, args.overrides)
     tokenizer = load_tokenizer(cfg.model)
-    samples = dataset.build(cfg.data, tokenizer)
+    samples, how = cache.load_or_build(cfg.data, tokenizer)
+    print(f"[lockstep] data: {how}", file=sys.stderr)
     colour = sys.stdout.isatty() and not args.no_colour
     print(preview.report(tokenizer, samples, args.n, colour))
     return 0

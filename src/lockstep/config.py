@@ -65,6 +65,12 @@ class DataConfig(Section):
     """Pack samples into sequences of max_length (attention stays inside each sample); the
     global batch then counts packed sequences."""
     on_bad_record: Literal["error", "skip"] = "error"
+    num_proc: Annotated[int, Field(ge=1, le=256)] = 1
+    """Processes that tokenise in parallel."""
+    cache: bool = True
+    """Keep tokenised data on disk, keyed by a fingerprint of everything it depends on."""
+    cache_dir: str | None = None
+    """Where (None: ~/.cache/lockstep/data)."""
     """`error`: a bad record stops the run naming file:line; `skip`: count and report them."""
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from lockstep.config import DataConfig, DatasetConfig
 from lockstep.data import formats, sources
@@ -60,7 +62,8 @@ def check_files(cfg: DataConfig) -> None:
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     """What the samples depend on: contents, data settings, tokenizer + template, version."""
-    settings = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    exclude = {"num_proc", "cache", "cache_dir"}  # cannot change the samples
+    settings = json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True)
     h = hashlib.sha256(f"v{DATA_VERSION}|{settings}|{tokenizer_fingerprint(tokenizer)}".encode())
     for ds in cfg.train:
         h.update(sources.content_hash(ds.path, ds.split).encode())
@@ -78,34 +81,80 @@ def encode(tokenizer: Any, rec: sources.Record, ds: DatasetConfig, cfg: DataConf
     return render(tokenizer, conv, rec.where, train_on=cfg.train_on, template=cfg.template)
 
 
-def build(cfg: DataConfig, tokenizer: Any) -> Samples:
+def read_records(cfg: DataConfig) -> list[tuple[int, sources.Record]]:
+    """(dataset index, record) for every record used, in the listed order."""
+    out = []
+    for k, ds in enumerate(cfg.train):
+        for n, rec in enumerate(sources.read(ds.path, ds.split)):
+            if ds.max_samples is not None and n >= ds.max_samples:
+                break
+            out.append((k, rec))
+    return out
+
+
+_WORKER: dict[str, Any] = {}  # the tokenizer and config of a forked tokenising process
+
+
+def _encode_chunk(chunk: list[tuple[int, sources.Record]]) -> list[tuple[list, list] | str]:
+    tokenizer, cfg = _WORKER["tokenizer"], _WORKER["cfg"]
+    out: list[tuple[list, list] | str] = []
+    for k, rec in chunk:
+        try:
+            out.append(encode(tokenizer, rec, cfg.train[k], cfg))
+        except DataError as e:
+            out.append(str(e))
+    return out
+
+
+def encode_all(cfg: DataConfig, tokenizer: Any) -> list[tuple[list, list] | str]:
+    """Every record encoded (or its error message), in order; data.num_proc processes."""
+    records = read_records(cfg)
+    _WORKER.update(tokenizer=tokenizer, cfg=cfg)
+    size = max(1, min(2000, len(records) // (cfg.num_proc * 4) or 1))
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    bar = tqdm(total=len(records), desc="tokenise", unit="rec", disable=len(records) < 20_000,
+               mininterval=1.0)  # fmt: skip
+    results: list[tuple[list, list] | str] = []
+    try:
+        if cfg.num_proc > 1 and len(chunks) > 1:
+            ctx = multiprocessing.get_context("fork")  # workers inherit the tokenizer
+            with ctx.Pool(cfg.num_proc) as pool:
+                for part in pool.imap(_encode_chunk, chunks):
+                    results.extend(part)
+                    bar.update(len(part))
+        else:
+            for chunk in chunks:
+                results.extend(_encode_chunk(chunk))
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        _WORKER.clear()
+    return results
+
+
+def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
+    """Tokenise every record; apply the bad-record, overlong and packing policies."""
     check_files(cfg)
-    fp = fingerprint(cfg, tokenizer)
+    fp = fp or fingerprint(cfg, tokenizer)
     ids_list: list[np.ndarray] = []
     labels_list: list[np.ndarray] = []
     bad: list[str] = []
     truncated = dropped = 0
-    for ds in cfg.train:
-        taken = 0
-        for rec in sources.read(ds.path, ds.split):
-            if ds.max_samples is not None and taken >= ds.max_samples:
-                break
-            try:
-                ids, labels = encode(tokenizer, rec, ds, cfg)
-            except DataError as e:
-                if cfg.on_bad_record == "error":
-                    raise DataError(f"{e} (data.on_bad_record=skip skips such records)") from None
-                bad.append(str(e))
+    for result in encode_all(cfg, tokenizer):
+        if isinstance(result, str):
+            if cfg.on_bad_record == "error":
+                raise DataError(f"{result} (data.on_bad_record=skip skips such records)")
+            bad.append(result)
+            continue
+        ids, labels = result
+        if len(ids) > cfg.max_length:
+            if cfg.overlong == "drop":
+                dropped += 1
                 continue
-            taken += 1
-            if len(ids) > cfg.max_length:
-                if cfg.overlong == "drop":
-                    dropped += 1
-                    continue
-                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-                truncated += 1
-            ids_list.append(np.asarray(ids, dtype=np.int64))
-            labels_list.append(np.asarray(labels, dtype=np.int64))
+            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+            truncated += 1
+        ids_list.append(np.asarray(ids, dtype=np.int64))
+        labels_list.append(np.asarray(labels, dtype=np.int64))
     if not ids_list:
         files = ", ".join(ds.path for ds in cfg.train)
         why = f" ({len(bad)} bad records skipped, {dropped} too long)" if bad or dropped else ""

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from lockstep import config as config_mod
 from lockstep.config import RunConfig
-from lockstep.data import dataset
+from lockstep.data import cache
 from lockstep.data.collate import collate
 from lockstep.data.dataset import Samples
 from lockstep.data.order import PAD, Order, batch_sha
@@ -89,7 +89,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         log.info(f"output: {out.resolve()}  seed: {seed}  config_hash: {chash}")
 
     tokenizer = load_tokenizer(cfg.model)
-    samples = dataset.build(cfg.data, tokenizer)
+    samples = build_samples(cfg, d, tokenizer)
     if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
         samples = samples.without_last()  # test-only: a rank that read different data
     rank, world = opts.as_rank or (d.rank, d.world_size)
@@ -181,6 +181,18 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         took = time.perf_counter() - start
         log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
     return out
+
+
+def build_samples(cfg: RunConfig, d: Dist, tokenizer) -> Samples:
+    """Rank 0 tokenises (or finds the cache); the other ranks wait, then read what it wrote."""
+    if d.is_main:
+        samples, how = cache.load_or_build(cfg.data, tokenizer)
+        logmod.get().info(f"data: {how}")
+    if d.distributed:
+        tdist.barrier()
+    if not d.is_main:
+        samples, _ = cache.load_or_build(cfg.data, tokenizer, write=False)
+    return samples
 
 
 def train_step(
