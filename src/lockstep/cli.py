@@ -91,6 +91,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from lockstep import infer
+
+    return infer.main(args)
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from lockstep.report import env
 
@@ -136,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("chat", help="chat with a model, a run or an adapter in the terminal")
+    p.add_argument(
+        "model", help="a run's output_dir, a Hugging Face folder, an adapter, or builtin:tiny"
+    )
+    p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--prompt", help="answer this once and exit (for scripts)")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    p.add_argument("--top-p", dest="top_p", type=float, default=0.9, help="nucleus sampling (0.9)")
+    p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("env", help="versions, devices, and where lockstep is imported from")
     p.add_argument("--json", action="store_true", help="print JSON")
