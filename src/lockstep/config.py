@@ -35,8 +35,29 @@ class ModelConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
 
 
+class LoraSettings(Section):
+    r: PosInt = 8
+    alpha: Annotated[FiniteFloat, Field(gt=0)] = 16.0
+    dropout: Annotated[FiniteFloat, Field(ge=0, lt=1)] = 0.0
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    """`all-linear`: every linear layer of the blocks (not the output head); or module names."""
+    use_rslora: bool = False
+    use_dora: bool = False
+    quantize: Literal["4bit", "8bit"] | None = None
+    """QLoRA: load the base model quantised with bitsandbytes (CUDA only)."""
+
+
+class FreezeSettings(Section):
+    trainable_layers: PosInt | None = None
+    """Train the last N transformer blocks (everything else frozen)."""
+    trainable_modules: list[str] | None = None
+    """Or: train the parameters whose names match these patterns (fnmatch, e.g. '*.mlp.*')."""
+
+
 class FinetuneConfig(Section):
-    method: Literal["full"] = "full"
+    method: Literal["full", "lora", "freeze"] = "full"
+    lora: LoraSettings = LoraSettings()
+    freeze: FreezeSettings = FreezeSettings()
 
 
 class DatasetConfig(Section):
@@ -295,6 +316,14 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 
 def check(cfg: RunConfig, world_size: int = 1) -> None:
     """Combinations of values that are each valid alone but not together."""
+    fz = cfg.finetune.freeze
+    if cfg.finetune.method == "freeze" and (fz.trainable_layers is None) == (
+        not fz.trainable_modules
+    ):
+        raise ConfigError(
+            "finetune.method=freeze needs exactly one of finetune.freeze.trainable_layers "
+            "(train the last N blocks) or finetune.freeze.trainable_modules (name patterns)"
+        )
     g, m = cfg.batch.global_size, cfg.batch.micro_size
     if g % (m * world_size):
         per_step = m * world_size

@@ -1,4 +1,7 @@
-"""Turn a run or any of its checkpoints into a standalone Hugging Face folder."""
+"""Turn a run or any of its checkpoints into a standalone Hugging Face folder.
+
+Full and freeze runs are written as trained; a LoRA run's adapter is merged into its base.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 from lockstep import config as config_mod
 from lockstep.dist import derive_seed
 from lockstep.errors import CheckpointError
+from lockstep.model import adapters
 from lockstep.model.load import DTYPES, load_model, load_tokenizer
 from lockstep.training import checkpoint
 
@@ -27,7 +31,10 @@ def export(source: Path, out: Path, dtype: str | None = None) -> Path:
     loaded = checkpoint.read(ckpt)
     cfg = config_mod.validate(loaded.config)
     model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
+    model = adapters.apply(cfg.finetune, model, derive_seed(cfg.seed, "adapter"))
     tensors = checkpoint.load_weights(ckpt, model)
+    if adapters.is_peft(model):  # LoRA: fold the adapter into the base weights
+        model = model.merge_and_unload()
     if dtype:
         model = model.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)

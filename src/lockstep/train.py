@@ -24,6 +24,7 @@ from lockstep import config as config_mod  # noqa: E402
 from lockstep import dist, launch  # noqa: E402
 from lockstep.data.dataset import check_files  # noqa: E402
 from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
+from lockstep.model import adapters  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
 from lockstep.training.preempt import Preempted  # noqa: E402
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     """Train in this process (one rank of the world torchrun made, or a world of one)."""
     cfg = config_mod.load(args.config, args.overrides)
     check_files(cfg.data)
+    adapters.check_supported(cfg.finetune)
     opts = options(args)
     how = launch.launcher(os.environ, via_lockstep)
     refusal = launch.guard(how, launch.visible_gpus(), opts.debug)

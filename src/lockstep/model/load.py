@@ -61,13 +61,26 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, init_seed: int) -> torch.nn.Module:
-    """Load pretrained weights, or initialise a built-in model from `init_seed` (same on all ranks)."""
+def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) -> torch.nn.Module:
+    """Load pretrained weights, or initialise a built-in model from `init_seed` (same on all ranks).
+
+    `quantize` ("4bit"/"8bit", QLoRA on CUDA): the weights are loaded quantised by bitsandbytes.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where, fresh = resolve(cfg.path)
     dtype = DTYPES[cfg.dtype]
-    common = {"trust_remote_code": cfg.trust_remote_code}
+    common: dict = {"trust_remote_code": cfg.trust_remote_code}
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        common["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantize == "4bit",
+            load_in_8bit=quantize == "8bit",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_type="nf4",
+        )
+        common["device_map"] = {"": torch.cuda.current_device()}
     try:
         if fresh:
             mcfg = AutoConfig.from_pretrained(where, **common)

@@ -30,7 +30,8 @@ from lockstep.dist import (
     params_checksum,
 )
 from lockstep.errors import TrainingError
-from lockstep.model.load import load_model, load_tokenizer
+from lockstep.model import adapters
+from lockstep.model.load import load_model, load_tokenizer, resolve
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
@@ -95,8 +96,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     rank, world = opts.as_rank or (d.rank, d.world_size)
     order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world)
     steps = total_steps(cfg, order)
-    model = load_model(cfg.model, derive_seed(seed, "init")).to(d.device)
-    model.train()
+    model = build_model(cfg, seed, d)
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
     start_step, rng_restored = 0, False
@@ -176,11 +176,22 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             ids_log.close()
 
     if d.is_main and not opts.as_rank:
-        final = save_final(getattr(model, "module", model), tokenizer, out)
+        final = save_final(getattr(model, "module", model), tokenizer, out, cfg)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         took = time.perf_counter() - start
         log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
     return out
+
+
+def build_model(cfg: RunConfig, seed: int, d: Dist) -> torch.nn.Module:
+    """The model as it trains: loaded or initialised, adapters applied, on this rank's device."""
+    quantize = cfg.finetune.lora.quantize if cfg.finetune.method == "lora" else None
+    model = load_model(cfg.model, derive_seed(seed, "init"), quantize)
+    if not quantize:  # a quantised model is placed on its device as it loads
+        model = model.to(d.device)
+    model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
+    model.train()
+    return model
 
 
 def build_samples(cfg: RunConfig, d: Dist, tokenizer) -> Samples:
@@ -321,12 +332,31 @@ def _sample_id_log(cfg: RunConfig, out: Path, rank: int, world: int, start_step:
     return path.open("a", encoding="utf-8")
 
 
-def save_final(model: torch.nn.Module, tokenizer, out: Path) -> Path:
-    """A Hugging Face folder, written aside and renamed into place so it is never half there."""
+def save_final(model: torch.nn.Module, tokenizer, out: Path, cfg: RunConfig) -> Path:
+    """A Hugging Face folder, written aside and renamed into place so it is never half there.
+
+    A LoRA run's final/ is a PEFT adapter (PeftModel.from_pretrained opens it). Its base is
+    model.path; for a built-in model, whose weights were initialised from the seed, the base is
+    saved next to it in OUTPUT/base/ so the adapter can be loaded anywhere.
+    """
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if adapters.is_peft(model):
+        base = _base_for_adapter(cfg, out)
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = base
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def _base_for_adapter(cfg: RunConfig, out: Path) -> str:
+    where, fresh = resolve(cfg.model.path)
+    if not fresh:
+        return str(Path(where).resolve()) if Path(where).exists() else where
+    base = out / "base"
+    load_model(cfg.model, derive_seed(cfg.seed, "init")).save_pretrained(base)
+    load_tokenizer(cfg.model).save_pretrained(base)
+    return str(base.resolve())

@@ -1,0 +1,299 @@
+"""`lockstep chat`: talk to a run, a Hugging Face folder, an adapter or a built-in model.
+
+Generation runs in a background thread and hands text to the terminal through
+`TextIteratorStreamer`, so a reply appears while it is being written, and Ctrl-C can stop that
+one reply (a stopping criterion the thread checks at every token) without ending the session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lockstep.errors import LockstepError, ModelError
+
+Message = dict[str, str]
+
+KINDS = (
+    "a run's output_dir (holding final/), a Hugging Face folder (config.json), "
+    "a PEFT adapter folder (adapter_config.json), or builtin:tiny"
+)
+PROMPT = "you> "
+REPLY = "assistant> "
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    what: str  # said once at start-up, so the user knows which weights answer
+
+
+def main(args: argparse.Namespace) -> int:
+    _check_flags(args)
+    loaded = load(args.model, args.adapter)
+    print(f"[lockstep] chat: {loaded.what}", file=sys.stderr, flush=True)
+    # seeded once per session: a session replays exactly, yet two turns are not forced to agree
+    torch.manual_seed(args.seed)
+    history: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt is not None:
+        history.append({"role": "user", "content": args.prompt})
+        reply(loaded, history, args)
+        print(flush=True)
+        return 0
+    return interactive(loaded, history, args)
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Refuse values `generate` would reject later, after the (slow) model load."""
+    if args.temperature < 0:
+        raise LockstepError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise LockstepError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise LockstepError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def load(model_path: str, adapter: str | None = None) -> Loaded:
+    """Resolve MODEL (and --adapter) to a model in eval mode on the best device, and its tokenizer."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if model_path.startswith("builtin:"):
+        model, tokenizer, what = _load_builtin(model_path)
+    else:
+        folder = _model_folder(Path(model_path).expanduser())
+        if (folder / "adapter_config.json").is_file():
+            if adapter:
+                raise ModelError(
+                    f"{folder} is itself an adapter; give its base model as MODEL and the "
+                    f"adapter as --adapter, or drop --adapter {adapter}"
+                )
+            model, tokenizer, what = _load_adapter_folder(folder)
+        else:
+            model, tokenizer, what = _load_hf_folder(folder)
+    if adapter:
+        model, what = _apply_adapter(model, Path(adapter).expanduser(), what)
+        adapter_tokenizer = Path(adapter).expanduser() / "tokenizer_config.json"
+        if adapter_tokenizer.is_file():  # a tokenizer saved with the adapter belongs to it
+            tokenizer = _load_tokenizer(adapter_tokenizer.parent)
+    model.to(device)
+    model.eval()
+    return Loaded(model, tokenizer, f"{what} on {device}")
+
+
+def _model_folder(path: Path) -> Path:
+    """A run folder stands for its final/ model; anything else must be a model or adapter folder."""
+    if not path.exists():
+        raise ModelError(f"model {str(path)!r} not found (looked in {path.resolve()}); give {KINDS}")
+    if not path.is_dir():
+        raise ModelError(f"model {str(path)!r} is a file, not a folder; give {KINDS}")
+    if (path / "final").is_dir():
+        return path / "final"
+    if (path / "adapter_config.json").is_file() or (path / "config.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        raise ModelError(
+            f"run {str(path)!r} has no final/ model yet (it did not finish); make a model folder "
+            f"from its newest checkpoint with `lockstep export {path} --out DIR`, then chat with DIR"
+        )
+    raise ModelError(
+        f"folder {str(path)!r} has neither config.json nor adapter_config.json nor final/; "
+        f"give {KINDS}"
+    )
+
+
+def _load_builtin(name: str) -> tuple[Any, Any, str]:
+    from lockstep.config import ModelConfig
+    from lockstep.model.load import load_model, load_tokenizer
+
+    cfg = ModelConfig(path=name)
+    model = load_model(cfg, init_seed=0)
+    return model, load_tokenizer(cfg), f"{name} (random weights, init seed 0)"
+
+
+def _load_hf_folder(folder: Path) -> tuple[Any, Any, str]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
+        raise ModelError(f"cannot load the model in {folder}: {_first_line(e)}") from None
+    return model, _load_tokenizer(folder), str(folder)
+
+
+def _load_adapter_folder(folder: Path) -> tuple[Any, Any, str]:
+    """An adapter names its base; lockstep saves the tokenizer next to the adapter weights."""
+    from peft import AutoPeftModelForCausalLM
+
+    base = _adapter_base(folder)
+    try:
+        model = AutoPeftModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:
+        raise ModelError(
+            f"cannot load adapter {folder} on its base {base!r}: {_first_line(e)}; if the base "
+            f"has moved, run `lockstep chat BASE --adapter {folder}`"
+        ) from None
+    tokenizer_home = folder if (folder / "tokenizer_config.json").is_file() else Path(base)
+    return model, _load_tokenizer(tokenizer_home), f"adapter {folder} on {base}"
+
+
+def _adapter_base(folder: Path) -> str:
+    """The base model recorded in adapter_config.json, checked before loading anything big."""
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{folder}/adapter_config.json is not readable JSON: {e}") from None
+    if not base or not Path(base).expanduser().is_dir():
+        raise ModelError(
+            f"adapter {folder}: its base model {base!r} (adapter_config.json "
+            f"base_model_name_or_path) is not a local folder; run "
+            f"`lockstep chat BASE --adapter {folder}` with the base model folder"
+        )
+    return base
+
+
+def _apply_adapter(model: Any, adapter: Path, what: str) -> tuple[Any, str]:
+    from peft import PeftModel
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelError(
+            f"--adapter {str(adapter)!r}: no adapter_config.json there; give a folder written "
+            "by a PEFT model's save_pretrained"
+        )
+    try:
+        model = PeftModel.from_pretrained(model, adapter)
+    except Exception as e:
+        raise ModelError(
+            f"--adapter {adapter}: cannot apply it to {what}: {_first_line(e)}"
+        ) from None
+    return model, f"{what} + adapter {adapter}"
+
+
+def _load_tokenizer(folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:
+        raise ModelError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from None
+    if tok.pad_token_id is None:  # generate wants a pad id even for one sequence
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# talking
+
+
+def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> int:
+    """Read a line, answer it; input() works the same on a terminal and on a pipe."""
+    print("[lockstep] /reset clears the conversation, /exit ends", file=sys.stderr, flush=True)
+    keep = len(history)  # the system message survives /reset
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            print(flush=True)
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            del history[keep:]
+            print("(conversation cleared" + (", system prompt kept)" if keep else ")"), flush=True)
+            continue
+        history.append({"role": "user", "content": line})
+        print(REPLY, end="", flush=True)
+        try:
+            reply(loaded, history, args)
+        except KeyboardInterrupt:
+            history.pop()  # a stopped reply is not part of the conversation
+            print("\n(reply stopped)", flush=True)
+            continue
+        print(flush=True)
+
+
+def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> str:
+    """Stream one assistant turn to stdout and append it to `history`."""
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
+
+    model, tok = loaded.model, loaded.tokenizer
+    try:
+        inputs = tok.apply_chat_template(
+            history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    except Exception as e:  # no template, or one that refuses a role (e.g. system)
+        raise ModelError(f"the tokenizer's chat template cannot render this conversation: "
+                         f"{_first_line(e)}") from None
+    inputs = inputs.to(model.device)
+    sampling = args.temperature > 0
+    extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            with torch.inference_mode():
+                model.generate(
+                    **inputs,
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=sampling,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+                    **extra,
+                )
+        except BaseException as e:  # re-raised in the main thread, where errors are reported
+            failure.append(e)
+            streamer.end()  # else the reader below waits for text that never comes
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    pieces: list[str] = []
+    try:
+        for piece in streamer:
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        stop.set()
+        thread.join()
+        raise
+    thread.join()
+    if failure:
+        raise ModelError(f"generation failed: {_first_line(failure[0])}") from failure[0]
+    text = "".join(pieces).strip()
+    history.append({"role": "assistant", "content": text})
+    return text
+
+
+class _StopOn:
+    """Stops generation once `event` is set: how Ctrl-C reaches the generating thread."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return torch.full(
+            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
