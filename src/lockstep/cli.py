@@ -91,6 +91,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """eval_loss of a checkpoint (default: the run's newest) on the config's eval data."""
+    from lockstep import config, dist
+    from lockstep.data import cache
+    from lockstep.export import model_from_checkpoint, resolve_checkpoint
+    from lockstep.model.load import load_tokenizer
+    from lockstep.training.evaluate import eval_split, evaluate
+
+    cfg = config.load(args.config, args.overrides)
+    ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))
+    model, trained_cfg, _ = model_from_checkpoint(ckpt)
+    tokenizer = load_tokenizer(trained_cfg.model)
+    samples, _ = cache.load_or_build(cfg.data, tokenizer)
+    _, held = eval_split(cfg, samples, tokenizer, trained_cfg.seed)
+    if held is None:
+        raise config.ConfigError("nothing to evaluate on: set data.eval or data.val_fraction")
+    d = dist.Dist()
+    result = evaluate(model.to(d.device), held, d, cfg.batch.micro_size, tokenizer.pad_token_id)
+    print(json.dumps({"checkpoint": str(ckpt), **result}))
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from lockstep import infer
 
@@ -142,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="eval_loss / eval_ppl of a checkpoint on the eval data")
+    p.add_argument("config", help="run config (YAML or JSON)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--checkpoint", help="a checkpoint or run folder (default: output_dir's newest)")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("chat", help="chat with a model, a run or an adapter in the terminal")
     p.add_argument(

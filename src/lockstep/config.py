@@ -75,6 +75,10 @@ class DatasetConfig(Section):
 class DataConfig(Section):
     train: list[DatasetConfig] = Field(min_length=1)
     """Concatenated in the listed order; the data order then shuffles them together."""
+    eval: list[DatasetConfig] = []
+    """Held-out datasets for eval_loss (same formats and settings as train)."""
+    val_fraction: Annotated[FiniteFloat, Field(ge=0, lt=1)] = 0.0
+    """Or: hold out this share of the train samples (chosen by the seed) for evaluation."""
     max_length: Annotated[int, Field(ge=8, le=1_048_576)] = 512
     overlong: Literal["truncate", "drop"] = "truncate"
     """What to do with a sample longer than max_length."""
@@ -136,6 +140,11 @@ class CheckpointConfig(Section):
     """Resume even though fields that change the data order or the model changed."""
 
 
+class EvalConfig(Section):
+    every_steps: PosInt | None = None
+    """Compute eval_loss / eval_ppl over the whole eval set every N steps (and at the end)."""
+
+
 class LogConfig(Section):
     every_steps: PosInt = 1
     sample_ids: bool = False
@@ -181,6 +190,7 @@ class RunConfig(Section):
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     launch: LaunchConfig = LaunchConfig()
     testing: FaultInjection = FaultInjection()
@@ -316,6 +326,13 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 
 def check(cfg: RunConfig, world_size: int = 1) -> None:
     """Combinations of values that are each valid alone but not together."""
+    if cfg.eval.every_steps and not (cfg.data.eval or cfg.data.val_fraction):
+        raise ConfigError(
+            "eval.every_steps is set but there is nothing to evaluate on: set data.eval "
+            "(datasets like data.train) or data.val_fraction (e.g. 0.05)"
+        )
+    if cfg.data.eval and cfg.data.val_fraction:
+        raise ConfigError("set data.eval or data.val_fraction, not both")
     fz = cfg.finetune.freeze
     if cfg.finetune.method == "freeze" and (fz.trainable_layers is None) == (
         not fz.trainable_modules

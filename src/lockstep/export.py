@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from lockstep import config as config_mod
 from lockstep.dist import derive_seed
 from lockstep.errors import CheckpointError
@@ -26,13 +28,18 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path} {why} (a run folder holds checkpoints/step-*/COMPLETE)")
 
 
-def export(source: Path, out: Path, dtype: str | None = None) -> Path:
-    ckpt = resolve_checkpoint(source)
-    loaded = checkpoint.read(ckpt)
-    cfg = config_mod.validate(loaded.config)
+def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, config_mod.RunConfig, int]:
+    """The model as it was at a checkpoint, its run config, and the number of tensors loaded."""
+    cfg = config_mod.validate(checkpoint.read(ckpt).config)
     model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
     model = adapters.apply(cfg.finetune, model, derive_seed(cfg.seed, "adapter"))
     tensors = checkpoint.load_weights(ckpt, model)
+    return model, cfg, len(tensors)
+
+
+def export(source: Path, out: Path, dtype: str | None = None) -> Path:
+    ckpt = resolve_checkpoint(source)
+    model, cfg, n_tensors = model_from_checkpoint(ckpt)
     if adapters.is_peft(model):  # LoRA: fold the adapter into the base weights
         model = model.merge_and_unload()
     if dtype:
@@ -40,5 +47,5 @@ def export(source: Path, out: Path, dtype: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(cfg.model).save_pretrained(out)
-    print(f"exported {ckpt} ({len(tensors)} tensors) to {out}")
+    print(f"exported {ckpt} ({n_tensors} tensors) to {out}")
     return out

@@ -68,6 +68,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 def load(model_path: str, adapter: str | None = None) -> Loaded:
     """Resolve MODEL (and --adapter) to a model in eval mode on the best device, and its tokenizer."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    adapter_dir = _adapter_folder(Path(adapter).expanduser()) if adapter else None
     if model_path.startswith("builtin:"):
         model, tokenizer, what = _load_builtin(model_path)
     else:
@@ -81,11 +82,10 @@ def load(model_path: str, adapter: str | None = None) -> Loaded:
             model, tokenizer, what = _load_adapter_folder(folder)
         else:
             model, tokenizer, what = _load_hf_folder(folder)
-    if adapter:
-        model, what = _apply_adapter(model, Path(adapter).expanduser(), what)
-        adapter_tokenizer = Path(adapter).expanduser() / "tokenizer_config.json"
-        if adapter_tokenizer.is_file():  # a tokenizer saved with the adapter belongs to it
-            tokenizer = _load_tokenizer(adapter_tokenizer.parent)
+    if adapter_dir:
+        model, what = _apply_adapter(model, adapter_dir, what)
+        if (adapter_dir / "tokenizer_config.json").is_file():  # saved with it: belongs to it
+            tokenizer = _load_tokenizer(adapter_dir)
     model.to(device)
     model.eval()
     return Loaded(model, tokenizer, f"{what} on {device}")
@@ -94,7 +94,9 @@ def load(model_path: str, adapter: str | None = None) -> Loaded:
 def _model_folder(path: Path) -> Path:
     """A run folder stands for its final/ model; anything else must be a model or adapter folder."""
     if not path.exists():
-        raise ModelError(f"model {str(path)!r} not found (looked in {path.resolve()}); give {KINDS}")
+        raise ModelError(
+            f"model {str(path)!r} not found (looked in {path.resolve()}); give {KINDS}"
+        )
     if not path.is_dir():
         raise ModelError(f"model {str(path)!r} is a file, not a folder; give {KINDS}")
     if (path / "final").is_dir():
@@ -114,8 +116,11 @@ def _model_folder(path: Path) -> Path:
 
 def _load_builtin(name: str) -> tuple[Any, Any, str]:
     from lockstep.config import ModelConfig
-    from lockstep.model.load import load_model, load_tokenizer
+    from lockstep.model.load import BUILTIN_PREFIX, builtin_names, load_model, load_tokenizer
 
+    if name[len(BUILTIN_PREFIX) :] not in builtin_names():
+        known = ", ".join(BUILTIN_PREFIX + n for n in builtin_names())
+        raise ModelError(f"unknown built-in model {name!r}; available: {known}")
     cfg = ModelConfig(path=name)
     model = load_model(cfg, init_seed=0)
     return model, load_tokenizer(cfg), f"{name} (random weights, init seed 0)"
@@ -164,14 +169,20 @@ def _adapter_base(folder: Path) -> str:
     return base
 
 
+def _adapter_folder(adapter: Path) -> Path:
+    """Checked before MODEL loads, so a typo costs a second, not a model load."""
+    if not (adapter / "adapter_config.json").is_file():
+        why = "not found" if not adapter.exists() else "has no adapter_config.json"
+        raise ModelError(
+            f"--adapter {str(adapter)!r} {why}; give a folder written by a PEFT model's "
+            "save_pretrained (it holds adapter_config.json)"
+        )
+    return adapter
+
+
 def _apply_adapter(model: Any, adapter: Path, what: str) -> tuple[Any, str]:
     from peft import PeftModel
 
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(
-            f"--adapter {str(adapter)!r}: no adapter_config.json there; give a folder written "
-            "by a PEFT model's save_pretrained"
-        )
     try:
         model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:
@@ -237,8 +248,9 @@ def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> s
             history, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
     except Exception as e:  # no template, or one that refuses a role (e.g. system)
-        raise ModelError(f"the tokenizer's chat template cannot render this conversation: "
-                         f"{_first_line(e)}") from None
+        raise ModelError(
+            f"the tokenizer's chat template cannot render this conversation: {_first_line(e)}"
+        ) from None
     inputs = inputs.to(model.device)
     sampling = args.temperature > 0
     extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
@@ -288,7 +300,9 @@ class _StopOn:
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         return torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )

@@ -36,6 +36,13 @@ class Samples:
         positions = self.position_ids[:-1] if self.position_ids is not None else None
         return Samples(self.input_ids[:-1], self.labels[:-1], fp, dict(self.stats), positions)
 
+    def subset(self, indices: list[int], tag: str) -> Samples:
+        """Some of the samples (a held-out split), with a fingerprint of its own."""
+        fp = hashlib.sha256(f"{self.fingerprint}|{tag}|{len(indices)}".encode()).hexdigest()[:16]
+        pos = [self.position_ids[i] for i in indices] if self.position_ids is not None else None
+        ids, labels = [self.input_ids[i] for i in indices], [self.labels[i] for i in indices]
+        return Samples(ids, labels, fp, dict(self.stats, samples=len(indices)), pos)
+
     def target_tokens(self, i: int) -> int:
         """Tokens that carry loss for sample i (labels are aligned with inputs, shifted later)."""
         return int((self.labels[i][1:] != IGNORE).sum())

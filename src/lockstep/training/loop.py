@@ -36,6 +36,7 @@ from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
 from lockstep.training import checkpoint
+from lockstep.training.evaluate import eval_split, evaluate
 from lockstep.training.loss import backward_scale, cross_entropy_sum
 from lockstep.training.optim import build_optimizer, build_scheduler
 from lockstep.training.options import RunOptions
@@ -91,6 +92,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
 
     tokenizer = load_tokenizer(cfg.model)
     samples = build_samples(cfg, d, tokenizer)
+    samples, eval_samples = eval_split(cfg, samples, tokenizer, seed)
     if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
         samples = samples.without_last()  # test-only: a rank that read different data
     rank, world = opts.as_rank or (d.rank, d.world_size)
@@ -160,6 +162,15 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                                 refresh=False)  # fmt: skip
             bar.update(1)
+            if eval_samples is not None and (
+                done % (cfg.eval.every_steps or steps) == 0 or done == steps
+            ):
+                result = evaluate(
+                    model, eval_samples, d, cfg.batch.micro_size, tokenizer.pad_token_id
+                )
+                metrics.write({"step": done, **result})
+                logmod.get().info(f"step {done}: eval_loss {result['eval_loss']:.4f}, "
+                                  f"eval_ppl {result['eval_ppl']:.2f}")  # fmt: skip
             signum = stop.agreed(d)
             every = cfg.checkpoint.every_steps
             if signum or done == steps or (every and done % every == 0):

@@ -1,0 +1,70 @@
+"""Evaluation: token-weighted loss over the whole eval set, on every rank, and its split.
+
+eval_loss = (sum of cross entropy over every target token of the eval set) / (their number),
+all-reduced over ranks, so it does not depend on the world size or the micro-batch size;
+eval_ppl = exp(eval_loss). Rank r evaluates samples r, r+W, r+2W, ...
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from lockstep.data.collate import collate
+from lockstep.data.dataset import Samples
+from lockstep.data.order import DATA_STREAM
+from lockstep.dist import Dist, all_reduce_sum
+from lockstep.errors import ConfigError
+from lockstep.training.loss import cross_entropy_sum
+
+VAL_STREAM = DATA_STREAM + 1
+
+
+def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """(train, validation): the validation samples are drawn by the seed, the same on all ranks."""
+    n = len(samples)
+    k = max(1, round(n * fraction))
+    if k >= n:
+        raise ConfigError(f"data.val_fraction={fraction} leaves no training samples of {n}")
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, VAL_STREAM])))
+    val = sorted(rng.permutation(n)[:k].tolist())
+    held = set(val)
+    train = [i for i in range(n) if i not in held]
+    return samples.subset(train, "train-part"), samples.subset(val, "validation")
+
+
+def eval_split(cfg, samples: Samples, tokenizer, seed: int) -> tuple[Samples, Samples | None]:
+    """(train samples, eval samples or None) per data.eval / data.val_fraction."""
+    from lockstep.data import cache
+
+    if cfg.data.val_fraction:
+        return split_validation(samples, cfg.data.val_fraction, seed)
+    if cfg.data.eval:
+        held, _ = cache.load_or_build(
+            cfg.data.model_copy(update={"train": cfg.data.eval}), tokenizer
+        )
+        return samples, held
+    return samples, None
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, samples: Samples, d: Dist, micro_size: int, pad_id: int
+) -> dict:
+    model = getattr(model, "module", model)  # never through DDP: ranks run unequal batch counts
+    was_training = model.training
+    model.eval()
+    mine = np.arange(d.rank, len(samples), d.world_size)
+    ce_sum, targets = 0.0, 0
+    for start in range(0, len(mine), micro_size):
+        ids = mine[start : start + micro_size]
+        batch = {k: v.to(d.device) for k, v in collate(samples, ids, pad_id).items()}
+        ce_sum += float(cross_entropy_sum(model, batch))
+        targets += int((batch["labels"] != -100).sum())
+    ce_sum, targets = all_reduce_sum([ce_sum, float(targets)], d)
+    if was_training:
+        model.train()
+    loss = ce_sum / max(targets, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(targets)}
