@@ -113,6 +113,18 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    from lockstep import configs
+
+    if args.action == "copy":
+        if not args.name:
+            raise configs.ConfigError("lockstep configs copy NAME [DEST]: which config?")
+        print(f"wrote {configs.copy(args.name, args.dest)}")
+    else:
+        print(configs.listing())
+    return 0
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from lockstep import infer
 
@@ -171,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="a checkpoint or run folder (default: output_dir's newest)")
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("configs", help="list the example configs, or copy one to start from")
+    p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    p.add_argument("name", nargs="?", help="with copy: the config's name")
+    p.add_argument("dest", nargs="?", help="with copy: file or folder (default ./NAME.yaml)")
+    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    p.set_defaults(func=_cmd_configs)
 
     p = sub.add_parser("chat", help="chat with a model, a run or an adapter in the terminal")
     p.add_argument(
