@@ -52,3 +52,18 @@ def test_eval_without_eval_data_is_a_config_error(tmp_path):
     assert (
         res.returncode == 1 and "set data.eval" in res.stderr and "data.val_fraction" in res.stderr
     )
+
+
+def test_tensorboard_event_files_hold_the_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small_config(tmp_path, data={"val_fraction": 0.05}, train={"max_steps": 3},
+                       eval={"every_steps": 3}, log={"every_steps": 1, "tensorboard": True})  # fmt: skip
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    expected = [r["loss"] for r in read(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
+    assert losses == pytest.approx(expected, rel=1e-6)
+    assert [e.step for e in acc.Scalars("eval/loss")] == [3]

@@ -147,6 +147,8 @@ class EvalConfig(Section):
 
 class LogConfig(Section):
     every_steps: PosInt = 1
+    tensorboard: bool = False
+    """Also write TensorBoard event files (train and eval scalars) to OUTPUT/tensorboard/."""
     sample_ids: bool = False
     """Each rank writes the sample ids of every micro-batch to OUTPUT/sample_ids/ (debugging)."""
 

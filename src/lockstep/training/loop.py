@@ -123,7 +123,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, world)
     if d.is_main:
         truncate_after(out / "metrics.jsonl", start_step)  # rows past the checkpoint: redone
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main)
+    tb_dir = out / "tensorboard" if cfg.log.tensorboard else None
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main, tensorboard=tb_dir)
     ids_log = _sample_id_log(cfg, out, rank, world, start_step)
     stop = StopFlag().install()
     bar = tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train", unit="step",
