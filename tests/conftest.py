@@ -73,3 +73,16 @@ def alpaca_file(tmp_path: Path) -> Path:
         for i in range(24)
     ]
     return write_jsonl(tmp_path / "small.jsonl", records)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run tests marked slow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --slow (the README's test command does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

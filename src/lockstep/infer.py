@@ -11,6 +11,9 @@ import argparse
 import json
 import sys
 import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ class Loaded:
 
 
 def main(args: argparse.Namespace) -> int:
+    """`lockstep chat`: one answer with --prompt (for scripts), else a conversation."""
     _check_flags(args)
     loaded = load(args.model, args.adapter)
     print(f"[lockstep] chat: {loaded.what}", file=sys.stderr, flush=True)
@@ -73,6 +77,8 @@ def load(model_path: str, adapter: str | None = None) -> Loaded:
         model, tokenizer, what = _load_builtin(model_path)
     else:
         folder = _model_folder(Path(model_path).expanduser())
+        # adapter_config.json wins: an adapter folder may carry its base's config.json too,
+        # but its weights are only the adapter's
         if (folder / "adapter_config.json").is_file():
             if adapter:
                 raise ModelError(
@@ -142,7 +148,8 @@ def _load_adapter_folder(folder: Path) -> tuple[Any, Any, str]:
 
     base = _adapter_base(folder)
     try:
-        model = AutoPeftModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+        with _quiet_deprecations():
+            model = AutoPeftModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:
         raise ModelError(
             f"cannot load adapter {folder} on its base {base!r}: {_first_line(e)}; if the base "
@@ -153,20 +160,21 @@ def _load_adapter_folder(folder: Path) -> tuple[Any, Any, str]:
 
 
 def _adapter_base(folder: Path) -> str:
-    """The base model recorded in adapter_config.json, checked before loading anything big."""
+    """The base recorded in adapter_config.json, checked before anything big is loaded."""
     try:
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get(
             "base_model_name_or_path"
         )
     except (OSError, ValueError, AttributeError) as e:
         raise ModelError(f"{folder}/adapter_config.json is not readable JSON: {e}") from None
-    if not base or not Path(base).expanduser().is_dir():
+    looks_local = str(base).startswith((".", "/", "~")) or str(base).count("/") > 1
+    if not base or (looks_local and not Path(base).expanduser().is_dir()):
         raise ModelError(
-            f"adapter {folder}: its base model {base!r} (adapter_config.json "
-            f"base_model_name_or_path) is not a local folder; run "
-            f"`lockstep chat BASE --adapter {folder}` with the base model folder"
+            f"adapter {folder}: its base model {base!r} (base_model_name_or_path in "
+            f"adapter_config.json) is not there; run `lockstep chat BASE --adapter {folder}` "
+            "with the base model's folder"
         )
-    return base
+    return base  # a local folder, or a hub id that transformers resolves
 
 
 def _adapter_folder(adapter: Path) -> Path:
@@ -184,12 +192,21 @@ def _apply_adapter(model: Any, adapter: Path, what: str) -> tuple[Any, str]:
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(model, adapter)
+        with _quiet_deprecations():
+            model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:
         raise ModelError(
             f"--adapter {adapter}: cannot apply it to {what}: {_first_line(e)}"
         ) from None
     return model, f"{what} + adapter {adapter}"
+
+
+@contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    """peft calls transformers APIs deprecated for library authors; a chat user cannot act on it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 
 def _load_tokenizer(folder: Path) -> Any:
@@ -219,7 +236,7 @@ def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace
             print(flush=True)
             return 0
         text = line.strip()
-        if not text:
+        if not text:  # an accidental Enter is not a turn
             continue
         if text in ("/exit", "/quit"):
             return 0
@@ -227,7 +244,7 @@ def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace
             del history[keep:]
             print("(conversation cleared" + (", system prompt kept)" if keep else ")"), flush=True)
             continue
-        history.append({"role": "user", "content": line})
+        history.append({"role": "user", "content": text})
         print(REPLY, end="", flush=True)
         try:
             reply(loaded, history, args)
