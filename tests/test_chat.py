@@ -103,6 +103,7 @@ def chats(run_dir: Path) -> dict[str, subprocess.CompletedProcess]:
     return done
 
 
+@pytest.mark.slow  # trains the demo for 250 steps (module fixture)
 def test_answers_have_the_trained_format(chats: dict[str, subprocess.CompletedProcess]) -> None:
     count, upper = chats["count"].stdout.strip(), chats["upper"].stdout.strip()
     assert count.isdigit(), count  # one number, nothing around it
@@ -114,10 +115,12 @@ def test_answers_have_the_trained_format(chats: dict[str, subprocess.CompletedPr
     assert len(upper.split()) == len(eval_record(UPPER)[1].split()), upper
 
 
+@pytest.mark.slow  # trains the demo for 250 steps (module fixture)
 def test_greedy_is_repeatable(chats: dict[str, subprocess.CompletedProcess]) -> None:
     assert chats["count_again"].stdout == chats["count"].stdout
 
 
+@pytest.mark.slow  # trains the demo for 250 steps (module fixture)
 def test_interactive_session_reset_and_exit(chats: dict[str, subprocess.CompletedProcess]) -> None:
     out = chats["session"].stdout
     replies = [part.split("\n")[0] for part in out.split("assistant> ")[1:]]
@@ -153,6 +156,7 @@ def test_ctrl_c_stops_the_reply_and_eof_ends_the_session() -> None:
     assert "(reply stopped)" in out, out
 
 
+@pytest.mark.slow  # trains the demo for 250 steps (module fixture)
 def test_lora_adapter_on_its_base_and_alone(
     run_dir: Path, chats: dict[str, subprocess.CompletedProcess], tmp_path: Path
 ) -> None:

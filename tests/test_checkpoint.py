@@ -104,6 +104,7 @@ def _limit_file_size() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 
 
+@pytest.mark.slow
 def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     cfg = small_config(tmp_path, train={"max_steps": 5}, checkpoint={"every_steps": 5})
     assert run_cli("train", str(cfg)).returncode == 0
@@ -135,6 +136,7 @@ def test_sigterm_saves_and_the_run_continues(tmp_path):
     assert read(tmp_path / "out" / "metrics.jsonl")[-1]["step"] == at + 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "field"),
     [("seed=8", "seed: 7 -> 8"), ("data.max_length=32", "data.max_length: 64 -> 32")],

@@ -91,7 +91,12 @@ def test_unknown_key_suggests_the_closest(tmp_path, override, expected):
         ("batch.micro_size=0", "batch.micro_size", "0", "greater than or equal to 1"),
         ("seed=true", "seed", "True", "integer or null"),
         ("model=3", "model", "3", "mapping"),
-        ("data.train.0.format=csvx", "data.train.0.format", "'csvx'", "'alpaca' or 'messages'"),
+        (
+            "data.train.0.format=csvx",
+            "data.train.0.format",
+            "'csvx'",
+            "'alpaca', 'messages', 'sharegpt' or 'text'",
+        ),
     ],
 )
 def test_wrong_type_or_range_names_path_value_and_allowed(tmp_path, override, key, value, allowed):

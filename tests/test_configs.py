@@ -27,6 +27,7 @@ def test_list_and_copy(tmp_path):
     assert missing.returncode == 1 and "available: demo" in missing.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_every_example_validates_and_trains_two_steps(tmp_path, name):
     path = ROOT / "examples" / f"{name}.yaml"

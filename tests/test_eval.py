@@ -33,6 +33,7 @@ def test_eval_loss_in_metrics_equals_lockstep_eval(tmp_path, held_out):
         assert standalone["eval_tokens"] == row["eval_tokens"]
 
 
+@pytest.mark.slow
 def test_eval_in_two_processes_equals_one(tmp_path):
     results = {}
     for procs in ("1", "2"):

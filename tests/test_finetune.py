@@ -83,6 +83,7 @@ def test_freeze_keeps_frozen_weights_bit_identical(tmp_path, base):
     assert sorted(ckpt) == sorted(trained)  # only trainable parameters are checkpointed
 
 
+@pytest.mark.slow
 def test_freeze_by_module_pattern_and_config_errors(tmp_path, base):
     out = train(tmp_path, base, method="freeze", freeze={"trainable_modules": ["*.mlp.*"]})
     ckpt = load_file(out / "checkpoints" / "step-00000004" / "model.safetensors")
