@@ -143,15 +143,12 @@ def _apply(
     chat_template: str,
     messages: list[dict[str, str]],
     where: str,
-    add_generation_prompt: bool = False,
-) -> str:
+    **kwargs: Any,
+) -> Any:
+    """apply_chat_template (text unless asked otherwise), its errors as the record's DataError."""
+    kwargs.setdefault("tokenize", False)
     try:
-        return tokenizer.apply_chat_template(
-            messages,
-            chat_template=chat_template,
-            tokenize=False,
-            add_generation_prompt=add_generation_prompt,
-        )
+        return tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
     except Exception as e:  # jinja raises its own error types for role-order violations
         raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
 
@@ -160,16 +157,10 @@ def _marked(
     tokenizer: Any, chat_template: str, messages: list[dict[str, str]], where: str
 ) -> list[int]:
     """The template's own mask, from its {% generation %} markers."""
-    try:
-        out = tokenizer.apply_chat_template(
-            messages,
-            chat_template=chat_template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
-        )
-    except Exception as e:
-        raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
+    out = _apply(
+        tokenizer, chat_template, messages, where,
+        tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+    )  # fmt: skip
     mask = list(out["assistant_masks"])
     if not any(mask):
         raise DataError(f"{where}: the chat template's {{% generation %}} markers mark no tokens")
