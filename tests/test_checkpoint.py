@@ -207,3 +207,14 @@ def test_export_a_checkpoint_to_a_hugging_face_folder(tmp_path):
         assert not torch.allclose(m2(ids).logits.float(), final(ids).logits, atol=1e-3)
     res = run_cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
     assert res.returncode == 1 and "nothing does not exist" in res.stderr
+
+
+def test_sigterm_during_a_replay_stops_without_saving(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 400})
+    proc = start(cfg, "--debug", "--as-rank", "1/2")
+    wait_for_step(tmp_path / "out", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "(a replay saves nothing)" in err and "Traceback" not in err
+    assert not (tmp_path / "out" / "checkpoints").exists()

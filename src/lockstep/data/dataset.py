@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -61,9 +62,9 @@ def check_files(cfg: DataConfig) -> None:
     for i, ds in enumerate(cfg.train):
         hf = sources.is_saved_dataset(ds.path) or sources.is_hub_name(ds.path)
         if not hf and not sources.files_of(ds.path):
-            p = sources.Path(ds.path)
             raise DataError(
-                f"data.train.{i}.path: file {ds.path!r} not found (looked in {p.resolve()})"
+                f"data.train.{i}.path: file {ds.path!r} not found "
+                f"(looked in {Path(ds.path).resolve()})"
             )
 
 

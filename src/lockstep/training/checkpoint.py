@@ -130,7 +130,6 @@ class Saver:
     root: Path
     keep_last: int | None
     rank: int
-    world_size: int
 
     def tmp_dir(self, step: int) -> Path:
         return self.root / f"{TMP_PREFIX}{folder_name(step)}"

@@ -120,7 +120,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         device_ids = [d.device.index] if d.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, world)
+    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank)
     if d.is_main:
         truncate_after(out / "metrics.jsonl", start_step)  # rows past the checkpoint: redone
     tb_dir = out / "tensorboard" if cfg.log.tensorboard else None
@@ -175,11 +175,15 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             signum = stop.agreed(d)
             every = cfg.checkpoint.every_steps
             if signum or done == steps or (every and done % every == 0):
-                if not opts.as_rank:
-                    path = save_checkpoint(cfg, d, saver, model, optimizer, scheduler, samples,
-                                           order, done)  # fmt: skip
+                path = (
+                    None
+                    if opts.as_rank
+                    else save_checkpoint(  # a replay saves nothing
+                        cfg, d, saver, model, optimizer, scheduler, samples, order, done
+                    )
+                )
                 if signum:
-                    raise Preempted(signum, done, str(path))
+                    raise Preempted(signum, done, path)
     finally:
         stop.uninstall()
         bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as tdist
@@ -19,9 +20,12 @@ from lockstep.dist import Dist
 class Preempted(Exception):
     """The run stopped on a signal after saving a checkpoint (not an error)."""
 
-    def __init__(self, signum: int, step: int, path: str) -> None:
+    def __init__(self, signum: int, step: int, path: Path | None) -> None:
         self.signum, self.step, self.path = signum, step, path
         name = signal.Signals(signum).name
+        if path is None:  # a replay (--as-rank) writes no checkpoints
+            super().__init__(f"stopped by {name} after step {step} (a replay saves nothing)")
+            return
         super().__init__(
             f"stopped by {name} after step {step}; checkpoint saved in {path}. "
             "Run the same command again to continue from it (checkpoint.resume=auto)."
