@@ -31,8 +31,16 @@ class ModelConfig(Section):
     path: str = Field("builtin:tiny", min_length=1)
     """`builtin:tiny`, a local Hugging Face folder, or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """The compute dtype of forward and backward."""
+    master_weights: Literal["float32", "same"] = "float32"
+    """With dtype bfloat16/float16: `float32` keeps the weights and optimizer in float32 and
+    runs forward/backward in `dtype` (mixed precision); `same`: weights in `dtype` too (pure)."""
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = (
+        "auto"
+    )
+    """`auto`: sdpa; on CUDA with packing or padding-free micro-batches, flash_attention_2 when
+    flash-attn is installed, else flex_attention (neither builds a dense attention mask)."""
 
 
 class LoraSettings(Section):
@@ -90,13 +98,21 @@ class DataConfig(Section):
     """Pack samples into sequences of max_length (attention stays inside each sample); the
     global batch then counts packed sequences."""
     on_bad_record: Literal["error", "skip"] = "error"
+    """`error`: a bad record stops the run naming file:line; `skip`: count and report them."""
     num_proc: Annotated[int, Field(ge=1, le=256)] = 1
     """Processes that tokenise in parallel."""
     cache: bool = True
     """Keep tokenised data on disk, keyed by a fingerprint of everything it depends on."""
     cache_dir: str | None = None
     """Where (None: ~/.cache/lockstep/data)."""
-    """`error`: a bad record stops the run naming file:line; `skip`: count and report them."""
+    padding_free: bool = False
+    """Concatenate a micro-batch's samples into one row (position ids restart per sample,
+    attention stays inside each sample): no compute is spent on padding; the loss is unchanged."""
+    group_by_length: bool = True
+    """Inside each global batch, put samples of similar length into the same micro-batch (less
+    padding). The step's set of samples is unchanged, so is the loss; a function of the batch."""
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    """Processes that build micro-batches ahead of the training step (pinned memory on CUDA)."""
 
 
 class BatchConfig(Section):
@@ -110,6 +126,16 @@ class TrainConfig(Section):
     epochs: PosInt = 1
     max_steps: PosInt | None = None
     """Stop after this many optimizer steps (None: run all epochs)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """`ddp`: every process holds the whole model; `fsdp`: parameters, gradients and optimizer
+    state sharded over the processes (FSDP2, per block), sharded checkpoints."""
+    loss_chunk: PosInt | None = 1024
+    """Target tokens per chunk of the cross entropy: the LM head runs chunk by chunk, so the
+    full logits never exist at once. None: the plain loss over the full logits."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in backward: far less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile each transformer block (the first steps are slower while it compiles)."""
 
 
 class OptimConfig(Section):
@@ -124,6 +150,8 @@ class OptimConfig(Section):
     min_lr_ratio: Annotated[FiniteFloat, Field(ge=0, le=1)] = 0.0
     grad_clip: Annotated[FiniteFloat, Field(gt=0)] | None = 1.0
     """Clip the global gradient norm to this value (None: no clipping)."""
+    fused: bool | None = None
+    """Fused AdamW kernel. None: fused where the device supports it (CUDA, CPU)."""
 
 
 class CheckpointConfig(Section):
@@ -342,6 +370,11 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(
             "finetune.method=freeze needs exactly one of finetune.freeze.trainable_layers "
             "(train the last N blocks) or finetune.freeze.trainable_modules (name patterns)"
+        )
+    if cfg.model.dtype == "float16" and cfg.model.master_weights == "float32":
+        raise ConfigError(
+            "model.dtype=float16 with float32 master weights needs loss scaling, which lockstep "
+            "does not do: use model.dtype=bfloat16, or model.master_weights=same (pure float16)"
         )
     g, m = cfg.batch.global_size, cfg.batch.micro_size
     if g % (m * world_size):

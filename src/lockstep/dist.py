@@ -84,11 +84,12 @@ def _comm_device(d: Dist) -> torch.device:
 
 def params_checksum(model: torch.nn.Module) -> str:
     """A cheap checksum of the trainable parameters (per-tensor float64 sum and sum of squares)."""
-    stats = [
-        torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
-        for p in model.parameters()
-        if p.requires_grad
-    ]
+    stats = []
+    for p in model.parameters():
+        if p.requires_grad:
+            t = p.detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP shard: gather it
+            stats.append(torch.stack([t.double().sum(), t.double().square().sum()]))
     if not stats:
         return "no trainable parameters"
     flat = torch.cat(stats).cpu().numpy().tobytes()

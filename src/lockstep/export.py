@@ -14,7 +14,7 @@ from lockstep.dist import derive_seed
 from lockstep.errors import CheckpointError
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES, load_model, load_tokenizer
-from lockstep.training import checkpoint
+from lockstep.training import checkpoint, sharded
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -33,8 +33,9 @@ def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, config_mod.RunCo
     cfg = config_mod.validate(checkpoint.read(ckpt).config)
     model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
     model = adapters.apply(cfg.finetune, model, derive_seed(cfg.seed, "adapter"))
-    tensors = checkpoint.load_weights(ckpt, model)
-    return model, cfg, len(tensors)
+    if sharded.is_sharded(ckpt):
+        return model, cfg, sharded.load_weights(ckpt, model)
+    return model, cfg, len(checkpoint.load_weights(ckpt, model))
 
 
 def export(source: Path, out: Path, dtype: str | None = None) -> Path:

@@ -10,12 +10,16 @@ from lockstep.data.order import PAD
 from lockstep.data.render import IGNORE
 
 
-def collate(samples: Samples, ids: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+def collate(
+    samples: Samples, ids: np.ndarray, pad_id: int, padding_free: bool = False
+) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sample. A PAD slot becomes a one-token row with no targets.
 
     `labels[i, t]` is the target for position t (the token at t+1), IGNORE where nothing is
     trained, so the loss is a plain sum over positions with no shifting inside the model.
     """
+    if padding_free:
+        return _collate_padding_free(samples, ids)
     if samples.position_ids is not None:
         return _collate_packed(samples, ids, pad_id)
     rows = [(samples.input_ids[i], samples.labels[i]) if i != PAD else None for i in ids]
@@ -60,4 +64,32 @@ def _collate_packed(samples: Samples, ids: np.ndarray, pad_id: int) -> dict[str,
         "input_ids": torch.from_numpy(input_ids),
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
+    }
+
+
+def _collate_padding_free(samples: Samples, ids: np.ndarray) -> dict[str, torch.Tensor]:
+    """All samples of the micro-batch in one row, position ids restarting at each sample.
+
+    As with packing (data/packing.py), the restarting position ids keep attention inside each
+    sample, so the loss is the padded batch's loss without a single padding token. PAD slots
+    add nothing; a micro-batch of PAD slots only is one token with no target.
+    """
+    real = [i for i in ids if i != PAD]
+    if not real:
+        zero = torch.zeros((1, 1), dtype=torch.int64)
+        return {"input_ids": zero, "labels": torch.full_like(zero, IGNORE), "position_ids": zero}
+    toks = [samples.input_ids[i] for i in real]
+    labels = []
+    for i, t in zip(real, toks, strict=True):
+        lab = np.full(len(t), IGNORE, dtype=np.int64)
+        lab[:-1] = samples.labels[i][1:]
+        labels.append(lab)
+    if samples.position_ids is not None:
+        pos = [samples.position_ids[i] for i in real]
+    else:
+        pos = [np.arange(len(t)) for t in toks]
+    return {
+        "input_ids": torch.from_numpy(np.concatenate(toks).astype(np.int64))[None],
+        "labels": torch.from_numpy(np.concatenate(labels))[None],
+        "position_ids": torch.from_numpy(np.concatenate(pos).astype(np.int64))[None],
     }

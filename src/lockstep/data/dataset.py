@@ -44,6 +44,9 @@ class Samples:
         ids, labels = [self.input_ids[i] for i in indices], [self.labels[i] for i in indices]
         return Samples(ids, labels, fp, dict(self.stats, samples=len(indices)), pos)
 
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+
     def target_tokens(self, i: int) -> int:
         """Tokens that carry loss for sample i (labels are aligned with inputs, shifted later)."""
         return int((self.labels[i][1:] != IGNORE).sum())
@@ -70,7 +73,8 @@ def check_files(cfg: DataConfig) -> None:
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     """What the samples depend on: contents, data settings, tokenizer + template, version."""
-    exclude = {"num_proc", "cache", "cache_dir"}  # cannot change the samples
+    # these cannot change the samples
+    exclude = {"num_proc", "cache", "cache_dir", "padding_free", "group_by_length", "num_workers"}
     settings = json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True)
     h = hashlib.sha256(f"v{DATA_VERSION}|{settings}|{tokenizer_fingerprint(tokenizer)}".encode())
     for ds in cfg.train:

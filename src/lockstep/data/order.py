@@ -11,13 +11,16 @@ Rules (the README explains them for users):
   slots [j*m, (j+1)*m); rank r at accumulation index a trains on micro-batch j = a*W + r.
   Hence the set of samples in an optimizer step does not depend on the world size W or on the
   accumulation A = G / (m*W): only on (seed, step).
+- With `lengths` (data.group_by_length), the slots of a global batch are first sorted by sample
+  length (longest first, ties by id, PAD last), then cut the same way: micro-batches hold
+  samples of similar length, so less padding. The step's set of samples is unchanged.
 - The position in the data is the global step alone, so resuming is instant at any world size.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -41,6 +44,8 @@ class Order:
     global_size: int
     micro_size: int
     world_size: int = 1
+    lengths: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """Sample lengths: when given, micro-batches are grouped by length (see above)."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -72,8 +77,17 @@ class Order:
         """The micro-batches rank `rank` trains on at `step`, in accumulation order."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
-        slots = self.global_batch(step).reshape(-1, self.micro_size)
+        slots = self.global_batch(step)
+        if self.lengths is not None:
+            slots = group_by_length(slots, self.lengths)
+        slots = slots.reshape(-1, self.micro_size)
         return [slots[a * self.world_size + rank] for a in range(self.accumulation)]
+
+
+def group_by_length(slots: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The slots, longest sample first (ties: lower id first), PAD slots last."""
+    key = np.where(slots == PAD, 1, -lengths[np.maximum(slots, 0)])
+    return slots[np.lexsort((slots, key))]
 
 
 def batch_sha(ids: np.ndarray) -> str:

@@ -88,3 +88,19 @@ def _block_prefixes(model: torch.nn.Module) -> list[str]:
         if isinstance(module, torch.nn.ModuleList) and len(module) and name.endswith("layers"):
             return [f"{name}.{i}." for i in range(len(module))]
     raise ModelError("cannot find the transformer blocks (a ModuleList named *layers)")
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM itself, under a PEFT wrapper if there is one."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks (what FSDP shards and torch.compile compiles one by one)."""
+    layers = getattr(causal_lm(model).get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ModelError(
+            f"{type(causal_lm(model)).__name__}: cannot find its transformer blocks "
+            "(decoder.layers); train.compile and train.strategy=fsdp need them"
+        )
+    return layers

@@ -69,7 +69,8 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where, fresh = resolve(cfg.path)
-    dtype = DTYPES[cfg.dtype]
+    dtype = weights_dtype(cfg)
+    attn = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
     common: dict = {"trust_remote_code": cfg.trust_remote_code}
     if quantize:
         from transformers import BitsAndBytesConfig
@@ -77,21 +78,21 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
         common["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=quantize == "4bit",
             load_in_8bit=quantize == "8bit",
-            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
             bnb_4bit_quant_type="nf4",
         )
         common["device_map"] = {"": torch.cuda.current_device()}
     try:
         if fresh:
             mcfg = AutoConfig.from_pretrained(where, **common)
-            mcfg._attn_implementation = cfg.attn_implementation
+            mcfg._attn_implementation = attn
             # a private generator stream: initialisation must not consume or depend on global RNG
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(init_seed)
                 model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, **common)
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=dtype, attn_implementation=cfg.attn_implementation, **common
+                where, dtype=dtype, attn_implementation=attn, **common
             )
     except ModelError:
         raise
@@ -100,6 +101,11 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
             f"model.path {cfg.path!r}: cannot load the model: {_first_line(e)}"
         ) from None
     return model
+
+
+def weights_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype the weights are held in: float32 master weights unless model.master_weights=same."""
+    return DTYPES[cfg.dtype] if cfg.master_weights == "same" else torch.float32
 
 
 def _first_line(e: Exception) -> str:

@@ -3,6 +3,8 @@
 Layout: OUTPUT/checkpoints/step-00000100/
   model.safetensors      trainable parameters (all of them for full fine-tuning)
   optimizer.pt           optimizer state  (tensors + numbers: loaded with weights_only=True)
+  sharded/               instead of the two above with train.strategy=fsdp: weights and
+                         optimizer state as every rank's shards (training/sharded.py)
   scheduler.pt           scheduler state  (idem)
   rng-rank-R.pt          python, numpy, torch and CUDA generator states of rank R
   state.json             step, epoch, samples consumed, seed, config hash, world size, version
@@ -30,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from lockstep import config as config_mod
 from lockstep.config import RunConfig
 from lockstep.errors import CheckpointError
+from lockstep.training import sharded
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
@@ -39,6 +42,7 @@ GUARDED = (
     "seed",
     "model.path",
     "model.dtype",
+    "model.master_weights",
     "finetune",
     "data.train",
     "data.max_length",
@@ -118,6 +122,9 @@ def _fsync_dir(path: Path) -> None:
 
 def _fsync_tree(path: Path) -> None:
     for f in path.iterdir():
+        if f.is_dir():
+            _fsync_tree(f)
+            continue
         with f.open("rb") as fh:
             os.fsync(fh.fileno())
     _fsync_dir(path)
@@ -145,6 +152,15 @@ class Saver:
                 f"cannot write checkpoint into {tmp}: {e.strerror or e}"
             ) from None
 
+    def write_sharded(self, step: int, engine: torch.nn.Module, optimizer) -> None:
+        """FSDP: every rank writes its shards of the weights and optimizer state (collective)."""
+        tmp = self.tmp_dir(step)
+        try:
+            sharded.save(tmp, engine, optimizer)
+        except Exception as e:  # OSError, or DCP's own wrapper of it
+            why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            raise CheckpointError(f"cannot write sharded checkpoint into {tmp}: {why}") from None
+
     def write_shared(
         self,
         step: int,
@@ -157,8 +173,9 @@ class Saver:
         """Rank 0: weights, optimizer, scheduler, state, marker, rename, retention."""
         tmp, final = self.tmp_dir(step), self.root / folder_name(step)
         try:
-            save_file(trainable_state(model), tmp / "model.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if not sharded.is_sharded(tmp):
+                save_file(trainable_state(model), tmp / "model.safetensors")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             config_mod.dump(cfg, tmp / "config.yaml")
@@ -277,16 +294,30 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def load_into(
     loaded: Loaded,
-    model: torch.nn.Module,
+    engine: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int,
+    is_sharded: bool = False,
 ) -> bool:
-    """Restore weights, optimizer, scheduler and (if saved for this rank) RNG; True if RNG was."""
+    """Restore weights, optimizer, scheduler and (if saved for this rank) RNG; True if RNG was.
+
+    `engine`: the loss module holding the language model as .model; `is_sharded`: its
+    parameters are FSDP shards (only a sharded checkpoint loads into them).
+    """
     path = loaded.path
+    if is_sharded and not sharded.is_sharded(path):
+        raise CheckpointError(
+            f"checkpoint {path} was written with train.strategy=ddp; FSDP on several processes "
+            "loads only sharded checkpoints (written with train.strategy=fsdp). Resume this run "
+            "with train.strategy=ddp, or on one process"
+        )
     try:
-        load_weights(path, model)
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if sharded.is_sharded(path):
+            sharded.load(path, engine, optimizer)
+        else:
+            load_weights(path, engine.model)
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng_file = path / f"rng-rank-{rank}.pt"
         if rng_file.is_file():

@@ -8,16 +8,18 @@ eval_ppl = exp(eval_loss). Rank r evaluates samples r, r+W, r+2W, ...
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 
 from lockstep.data.collate import collate
 from lockstep.data.dataset import Samples
-from lockstep.data.order import DATA_STREAM
+from lockstep.data.order import DATA_STREAM, PAD
+from lockstep.data.render import IGNORE
 from lockstep.dist import Dist, all_reduce_sum
 from lockstep.errors import ConfigError
-from lockstep.training.loss import cross_entropy_sum
+from lockstep.training.loss import CausalLMLoss
 
 VAL_STREAM = DATA_STREAM + 1
 
@@ -51,20 +53,32 @@ def eval_split(cfg, samples: Samples, tokenizer, seed: int) -> tuple[Samples, Sa
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, samples: Samples, d: Dist, micro_size: int, pad_id: int
-) -> dict:
-    model = getattr(model, "module", model)  # never through DDP: ranks run unequal batch counts
-    was_training = model.training
-    model.eval()
+    engine: torch.nn.Module, samples: Samples, d: Dist, micro_size: int, pad_id: int,
+    padding_free: bool = False, precision: AbstractContextManager | None = None,
+) -> dict:  # fmt: skip
+    """`engine`: the loss module (a bare language model is wrapped in one); never DDP's wrapper.
+
+    Every rank runs the same number of micro-batches (a rank with fewer samples runs empty
+    ones): with FSDP each forward gathers weights from all ranks.
+    """
+    if not isinstance(engine, CausalLMLoss):
+        engine = CausalLMLoss(engine)
+    was_training = engine.training
+    engine.eval()
     mine = np.arange(d.rank, len(samples), d.world_size)
+    per_rank = -(-len(samples) // d.world_size)
     ce_sum, targets = 0.0, 0
-    for start in range(0, len(mine), micro_size):
+    for start in range(0, per_rank, micro_size):
         ids = mine[start : start + micro_size]
-        batch = {k: v.to(d.device) for k, v in collate(samples, ids, pad_id).items()}
-        ce_sum += float(cross_entropy_sum(model, batch))
-        targets += int((batch["labels"] != -100).sum())
+        if len(ids) == 0:
+            ids = np.array([PAD])
+        batch = collate(samples, ids, pad_id, padding_free)
+        batch = {k: v.to(d.device) for k, v in batch.items()}
+        with precision or nullcontext():
+            ce_sum += float(engine(batch))
+        targets += int((batch["labels"] != IGNORE).sum())
     ce_sum, targets = all_reduce_sum([ce_sum, float(targets)], d)
     if was_training:
-        model.train()
+        engine.train()
     loss = ce_sum / max(targets, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(targets)}

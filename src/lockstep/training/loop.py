@@ -7,7 +7,6 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,8 @@ from tqdm import tqdm
 from lockstep import config as config_mod
 from lockstep.config import RunConfig
 from lockstep.data import cache
-from lockstep.data.collate import collate
 from lockstep.data.dataset import Samples
+from lockstep.data.loader import micro_batches
 from lockstep.data.order import PAD, Order, batch_sha
 from lockstep.dist import (
     Dist,
@@ -35,9 +34,9 @@ from lockstep.model.load import load_model, load_tokenizer, resolve
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
-from lockstep.training import checkpoint
+from lockstep.training import checkpoint, parallel, sharded
 from lockstep.training.evaluate import eval_split, evaluate
-from lockstep.training.loss import backward_scale, cross_entropy_sum
+from lockstep.training.loss import backward_scale
 from lockstep.training.optim import build_optimizer, build_scheduler
 from lockstep.training.options import RunOptions
 from lockstep.training.preempt import Preempted, StopFlag
@@ -96,14 +95,18 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
         samples = samples.without_last()  # test-only: a rank that read different data
     rank, world = opts.as_rank or (d.rank, d.world_size)
-    order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world)
+    lengths = samples.lengths() if cfg.data.group_by_length else None
+    order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world, lengths)
     steps = total_steps(cfg, order)
     model = build_model(cfg, seed, d)
+    engine = parallel.prepare(cfg, d, model)  # FSDP shards the model's parameters in place
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
     start_step, rng_restored = 0, False
     if loaded:
-        rng_restored = checkpoint.load_into(loaded, model, optimizer, scheduler, rank)
+        rng_restored = checkpoint.load_into(
+            loaded, engine, optimizer, scheduler, rank, parallel.sharded(cfg, d)
+        )
         start_step = int(loaded.state["step"])
         log.info(f"resuming from {loaded.path} at step {start_step} (checkpoint.resume)")
         if start_step >= steps:
@@ -116,9 +119,11 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         seed_rank_rngs(seed, rank, start_step)
     _log_plan(cfg, samples, order, steps, world, model)
     check_lockstep(fingerprint_fields(cfg, samples, order, model, start_step), d, "after building")
-    if d.distributed:
-        device_ids = [d.device.index] if d.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    engine = parallel.replicate(cfg, d, engine)
+    batches = micro_batches(
+        samples, order, rank, start_step, steps, tokenizer.pad_token_id, cfg.data.padding_free,
+        0 if opts.debug else cfg.data.num_workers, d.device.type == "cuda",
+    )  # fmt: skip
 
     saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank)
     if d.is_main:
@@ -136,9 +141,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             if cfg.testing.fail_at_step == step + 1 and cfg.testing.fail_rank == rank:
                 raise TrainingError(f"injected failure at step {step + 1} (testing.fail_at_step)")
             loss, grad_norm, lr, tokens, targets = train_step(
-                cfg, d, opts, model, optimizer, scheduler, samples, order, step, rank, ids_log,
-                tokenizer.pad_token_id,
-            )  # fmt: skip
+                cfg, d, opts, engine, optimizer, scheduler, samples, order, step, batches, ids_log
+            )
             window_tokens += tokens
             window_losses.append(loss)
             done = step + 1
@@ -159,6 +163,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
                     "elapsed_s": round(now - start, 3),
                     "batch_sha": batch_sha(order.global_batch(step)),
                     **({"replay": f"{rank}/{world}"} if opts.as_rank else {}),
+                    **_device_memory(d),
                 })  # fmt: skip
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
                                 refresh=False)  # fmt: skip
@@ -167,8 +172,9 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
                 done % (cfg.eval.every_steps or steps) == 0 or done == steps
             ):
                 result = evaluate(
-                    model, eval_samples, d, cfg.batch.micro_size, tokenizer.pad_token_id
-                )
+                    parallel.unwrap(engine), eval_samples, d, cfg.batch.micro_size,
+                    tokenizer.pad_token_id, cfg.data.padding_free, parallel.autocast(cfg, d),
+                )  # fmt: skip
                 metrics.write({"step": done, **result})
                 logmod.get().info(f"step {done}: eval_loss {result['eval_loss']:.4f}, "
                                   f"eval_ppl {result['eval_ppl']:.2f}")  # fmt: skip
@@ -179,7 +185,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
                     None
                     if opts.as_rank
                     else save_checkpoint(  # a replay saves nothing
-                        cfg, d, saver, model, optimizer, scheduler, samples, order, done
+                        cfg, d, saver, engine, optimizer, scheduler, samples, order, done
                     )
                 )
                 if signum:
@@ -191,8 +197,10 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         if ids_log:
             ids_log.close()
 
+    # with FSDP each rank holds a shard: all of them gather the full weights on rank 0
+    full = sharded.full_state(engine) if parallel.sharded(cfg, d) and not opts.as_rank else None
     if d.is_main and not opts.as_rank:
-        final = save_final(getattr(model, "module", model), tokenizer, out, cfg)
+        final = save_final(model, tokenizer, out, cfg, full)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
         took = time.perf_counter() - start
         log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
@@ -202,7 +210,10 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
 def build_model(cfg: RunConfig, seed: int, d: Dist) -> torch.nn.Module:
     """The model as it trains: loaded or initialised, adapters applied, on this rank's device."""
     quantize = cfg.finetune.lora.quantize if cfg.finetune.method == "lora" else None
-    model = load_model(cfg.model, derive_seed(seed, "init"), quantize)
+    mcfg = cfg.model.model_copy(
+        update={"attn_implementation": parallel.attn_implementation(cfg, d.device)}
+    )
+    model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     if not quantize:  # a quantised model is placed on its device as it loads
         model = model.to(d.device)
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
@@ -223,29 +234,29 @@ def build_samples(cfg: RunConfig, d: Dist, tokenizer) -> Samples:
 
 
 def train_step(
-    cfg: RunConfig, d: Dist, opts: RunOptions, model: torch.nn.Module,
+    cfg: RunConfig, d: Dist, opts: RunOptions, engine: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scheduler, samples: Samples, order: Order, step: int,
-    rank: int, ids_log, pad_id: int,
+    batches, ids_log,
 ) -> tuple[float, float, float, int, int]:  # fmt: skip
     """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, tokens."""
-    micro = order.micro_batches(step, rank)
     global_tokens, global_targets = count(samples, order.global_batch(step))
     scale = backward_scale(d.world_size, global_targets)
     loss_sum = 0.0
-    for a, mb in enumerate(micro):
+    for a in range(order.accumulation):
+        ids, batch = next(batches)
         if ids_log:
-            ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": mb.tolist()}) + "\n")
-        batch = {k: v.to(d.device) for k, v in collate(samples, mb, pad_id).items()}
-        last = a == len(micro) - 1
-        with model.no_sync() if d.distributed and not last else nullcontext():
-            ce = cross_entropy_sum(model, batch)
+            ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": ids.tolist()}) + "\n")
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+        with parallel.gradient_sync(engine, last=a == order.accumulation - 1):
+            with parallel.autocast(cfg, d):
+                ce = engine(batch)
             (ce * scale).backward()
         if opts.debug and not math.isfinite(ce.item()):
             raise TrainingError(f"step {step + 1}, micro-batch {a}: non-finite loss {ce.item()}")
         loss_sum += ce.item()
     loss = all_reduce_sum([loss_sum], d)[0] / max(global_targets, 1)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
+    grad_norm = sharded.as_float(torch.nn.utils.clip_grad_norm_(engine.parameters(), clip))
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         raise TrainingError(
             f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
@@ -259,13 +270,18 @@ def train_step(
 
 
 def save_checkpoint(
-    cfg: RunConfig, d: Dist, saver: checkpoint.Saver, model: torch.nn.Module,
+    cfg: RunConfig, d: Dist, saver: checkpoint.Saver, engine: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scheduler, samples: Samples, order: Order, done: int,
 ) -> Path:  # fmt: skip
-    """Verify lockstep, then every rank writes its RNG state and rank 0 completes the folder."""
-    bare = getattr(model, "module", model)
-    check_lockstep(fingerprint_fields(cfg, samples, order, bare, done), d, f"checkpoint {done}")
+    """Verify lockstep, then every rank writes its RNG state (and its shard, with FSDP) and
+    rank 0 completes the folder."""
+    bare = parallel.unwrap(engine)
+    check_lockstep(
+        fingerprint_fields(cfg, samples, order, bare.model, done), d, f"checkpoint {done}"
+    )
     saver.write_rank_files(done)
+    if cfg.train.strategy == "fsdp":
+        saver.write_sharded(done, bare, optimizer)
     if d.distributed:
         tdist.barrier()
     path = saver.root / checkpoint.folder_name(done)
@@ -280,10 +296,17 @@ def save_checkpoint(
             "lockstep_version": _version(),
             "data_fingerprint": samples.fingerprint,
         }
-        path = saver.write_shared(done, bare, optimizer, scheduler, state, cfg)
+        path = saver.write_shared(done, bare.model, optimizer, scheduler, state, cfg)
     if d.distributed:
         tdist.barrier()
     return path
+
+
+def _device_memory(d: Dist) -> dict[str, float]:
+    """Peak accelerator memory of this rank so far (CUDA only)."""
+    if d.device.type != "cuda":
+        return {}
+    return {"peak_mem_gib": round(torch.cuda.max_memory_allocated(d.device) / 2**30, 3)}
 
 
 def _version() -> str:
@@ -348,7 +371,9 @@ def _sample_id_log(cfg: RunConfig, out: Path, rank: int, world: int, start_step:
     return path.open("a", encoding="utf-8")
 
 
-def save_final(model: torch.nn.Module, tokenizer, out: Path, cfg: RunConfig) -> Path:
+def save_final(
+    model: torch.nn.Module, tokenizer, out: Path, cfg: RunConfig, state: dict | None = None
+) -> Path:
     """A Hugging Face folder, written aside and renamed into place so it is never half there.
 
     A LoRA run's final/ is a PEFT adapter (PeftModel.from_pretrained opens it). Its base is
@@ -361,7 +386,8 @@ def save_final(model: torch.nn.Module, tokenizer, out: Path, cfg: RunConfig) -> 
         base = _base_for_adapter(cfg, out)
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base
-    model.save_pretrained(tmp, safe_serialization=True)
+    # state: the full weights gathered from FSDP shards (the model itself holds only a shard)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

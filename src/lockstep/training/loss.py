@@ -10,6 +10,12 @@ gradients over ranks (divides by world_size), so the accumulated gradient is exa
 whatever the world size W and accumulation A. A per-micro-batch mean (what many trainers do)
 weights a token in a short micro-batch more than one in a long micro-batch, so its gradient
 changes with W and A; this one does not, up to floating-point summation order.
+
+The summed cross entropy is computed without the full logits (`train.loss_chunk`): the model
+body gives hidden states, only the target positions are kept, and the LM head and the cross
+entropy run over chunks of them. The gradients of a chunk are computed as it goes, so no chunk's
+logits outlive it: peak memory is chunk x vocab instead of tokens x vocab (in float32), and the
+LM head never runs on prompt or padding positions.
 """
 
 from __future__ import annotations
@@ -18,21 +24,111 @@ import torch
 import torch.nn.functional as F
 
 from lockstep.data.render import IGNORE
+from lockstep.model.adapters import causal_lm
 
 
-def cross_entropy_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of cross entropy over the target positions of a micro-batch (labels pre-shifted)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    # use_cache=False also matters for packing: with a cache, transformers skips deriving the
-    # block-diagonal mask from restarting position ids (see data/packing.py)
-    out = model(**inputs, use_cache=False)
-    logits = out.logits.float()
-    return F.cross_entropy(
-        logits.view(-1, logits.size(-1)),
-        batch["labels"].view(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
+class CausalLMLoss(torch.nn.Module):
+    """What trains: a causal LM in, the summed cross entropy of a micro-batch out.
+
+    DDP and FSDP wrap this module (not the language model), so their hooks see the whole
+    forward pass, the chunked LM head included.
+    """
+
+    def __init__(self, model: torch.nn.Module, chunk: int | None = 1024):
+        super().__init__()
+        self.model = model
+        causal = causal_lm(model)
+        self.chunked = bool(chunk) and _plain_head(causal)
+        self.chunk = chunk or 0
+        self._causal = [causal]  # a list: not registered twice as a submodule
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        labels = batch["labels"]
+        # use_cache=False also matters for packing: with a cache, transformers skips deriving
+        # the block-diagonal mask from restarting position ids (see data/packing.py)
+        if not self.chunked:
+            logits = self.model(**inputs, use_cache=False).logits.float()
+            return F.cross_entropy(
+                logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=IGNORE,
+                reduction="sum",
+            )  # fmt: skip
+        causal = self._causal[0]
+        hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        keep = labels != IGNORE
+        return chunked_cross_entropy(
+            hidden[keep], causal.get_output_embeddings().weight, labels[keep], self.chunk
+        )
+
+
+def _plain_head(causal: torch.nn.Module) -> bool:
+    """The chunked path needs logits = hidden @ W.T exactly: a bias-free nn.Linear head, a
+    decoder to call, and no logit scaling or soft-capping after the head."""
+    head = getattr(causal, "get_output_embeddings", lambda: None)()
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False
+    try:
+        causal.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return False
+    text = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else {}
+    return not any(
+        getattr(text, k, None) not in (None, 1, 1.0)
+        for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
     )
+
+
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """sum_i CE(hidden[i] @ weight.T, labels[i]), never holding more than `chunk` rows of logits."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, labels, chunk, dtype, grads)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Forward computes the loss and both gradients chunk by chunk; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk, dtype, grads):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if grads and hidden.requires_grad else None
+            grad_w = (
+                torch.zeros_like(weight, dtype=torch.float32)
+                if grads and weight.requires_grad
+                else None
+            )
+            for s in range(0, hidden.size(0), chunk):
+                h, y = hidden[s : s + chunk].to(dtype), labels[s : s + chunk]
+                logits = (h @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if not grads:
+                    continue
+                # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the logits
+                p = logits.sub_(lse[:, None]).exp_()
+                p[torch.arange(len(y), device=y.device), y] -= 1
+                p = p.to(dtype)
+                if grad_h is not None:
+                    grad_h[s : s + chunk] = (p @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += (p.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+            None, None, None, None,
+        )  # fmt: skip
 
 
 def backward_scale(world_size: int, global_targets: int) -> float:

@@ -18,7 +18,12 @@ def build_optimizer(cfg: OptimConfig, model: torch.nn.Module) -> torch.optim.Opt
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
+    params = decay + no_decay
+    fused = cfg.fused
+    if fused is None:  # the fused kernel exists for CUDA and CPU, for floating-point weights
+        fused = bool(params) and all(
+            p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 

@@ -1,0 +1,54 @@
+"""The micro-batches of this rank, step after step, built ahead by worker processes if asked.
+
+Item k of the run is micro-batch a = k % A of step start + k // A, exactly as the order function
+says: workers only collate (ids -> tensors), so the data order never depends on their number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from lockstep.data.collate import collate
+from lockstep.data.dataset import Samples
+from lockstep.data.order import Order
+
+
+class StepMicroBatches(Dataset):
+    def __init__(
+        self, samples: Samples, order: Order, rank: int, start_step: int, steps: int,
+        pad_id: int, padding_free: bool,
+    ):  # fmt: skip
+        self.samples, self.order, self.rank = samples, order, rank
+        self.start_step, self.steps = start_step, steps
+        self.pad_id, self.padding_free = pad_id, padding_free
+
+    def __len__(self) -> int:
+        return (self.steps - self.start_step) * self.order.accumulation
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        step, a = divmod(k, self.order.accumulation)
+        ids = self.order.micro_batches(self.start_step + step, self.rank)[a]
+        return ids, collate(self.samples, ids, self.pad_id, self.padding_free)
+
+
+def micro_batches(
+    samples: Samples, order: Order, rank: int, start_step: int, steps: int, pad_id: int,
+    padding_free: bool, num_workers: int, pin_memory: bool,
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:  # fmt: skip
+    """Every micro-batch of this rank from `start_step` to `steps`, in training order."""
+    data = StepMicroBatches(samples, order, rank, start_step, steps, pad_id, padding_free)
+    if num_workers == 0:
+        return (data[k] for k in range(len(data)))
+    loader = DataLoader(
+        data, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=4, collate_fn=_keep,
+    )  # fmt: skip
+    return iter(loader)
+
+
+def _keep(item):
+    return item

@@ -1,0 +1,93 @@
+"""FSDP2 checkpoints with torch.distributed.checkpoint (DCP): each rank writes its own shards.
+
+A sharded checkpoint (CHECKPOINT/sharded/) holds the trainable weights and the optimizer state
+under their parameter names, so it loads into any number of processes, sharded or not: DCP
+reshards on load. The final model is gathered into one Hugging Face folder on rank 0.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lockstep.errors import CheckpointError
+
+FOLDER = "sharded"
+
+
+def _options(full: bool = False):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True)
+
+
+def save(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards into path/sharded (a collective: all ranks call it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(engine, optimizer, options=_options())
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / FOLDER))
+
+
+def load(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Read path/sharded into this rank's shards (any world size, resharded as needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(engine, optimizer, options=_options())
+    state = {"model": model_state, "optim": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=str(path / FOLDER))
+    except Exception as e:  # DCP raises CheckpointException and others for a damaged folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+    set_state_dict(
+        engine, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        options=_options(),
+    )  # fmt: skip
+
+
+def load_weights(path: Path, model: torch.nn.Module) -> int:
+    """The trained weights of a sharded checkpoint into a whole model (one process, export)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    from lockstep.training.loss import CausalLMLoss
+
+    engine = CausalLMLoss(model)  # the names the checkpoint was written under
+    state = {"model": get_model_state_dict(engine, options=_options())}
+    try:
+        dcp.load(state, checkpoint_id=str(path / FOLDER))
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+    set_model_state_dict(engine, state["model"], options=_options())
+    return len(state["model"])
+
+
+def is_sharded(path: Path) -> bool:
+    return (path / FOLDER).is_dir()
+
+
+def full_state(engine: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight of the language model, gathered on rank 0 (empty elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(engine, options=options)
+    prefix = "model."  # the loss module holds the language model as .model
+    seen, tied = set(), set()  # tied weights (embeddings = LM head) are saved once
+    for name, p in engine.model.named_parameters(remove_duplicate=False):
+        (tied.add(name) if id(p) in seen else seen.add(id(p)))
+    return {
+        k[len(prefix) :]: v
+        for k, v in state.items()
+        if k.startswith(prefix) and k[len(prefix) :] not in tied
+    }
+
+
+def as_float(value: torch.Tensor) -> float:
+    """A scalar that may be a DTensor (FSDP's gradient norm)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)

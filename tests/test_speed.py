@@ -1,0 +1,200 @@
+"""Speed switches: each one runs, and where it should, gives the plain path's numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli, small_config
+from safetensors.torch import load_file
+
+from lockstep.config import ModelConfig
+from lockstep.data.collate import collate
+from lockstep.data.dataset import Samples
+from lockstep.data.order import PAD, Order
+from lockstep.data.render import IGNORE
+from lockstep.model.load import load_model
+from lockstep.report.metrics import read
+from lockstep.training.loss import CausalLMLoss, chunked_cross_entropy
+
+STEPS = 6
+
+
+def random_batch(seed: int = 0, rows: int = 3, width: int = 40) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 2048, (rows, width), generator=g)
+    labels = ids.roll(-1, 1).clone()
+    labels[:, :7] = IGNORE  # a prompt
+    labels[-1, 25:] = IGNORE  # a shorter, right-padded row
+    mask = torch.ones_like(ids)
+    mask[-1, 26:] = 0
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def loss_and_grads(model, chunk, batch):
+    model.zero_grad()
+    loss = CausalLMLoss(model, chunk)(batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_chunked_loss_and_gradients_equal_the_plain_loss(tied):
+    model = load_model(ModelConfig(), init_seed=3)
+    if not tied:
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone() * 0.5)
+    batch = random_batch()
+    plain, plain_grads = loss_and_grads(model, None, batch)
+    assert not CausalLMLoss(model, None).chunked and CausalLMLoss(model, 5).chunked
+    for chunk in (5, 1024):  # many chunks, one chunk
+        chunked, grads = loss_and_grads(model, chunk, batch)
+        assert chunked == pytest.approx(plain, rel=1e-5)
+        for name, g in plain_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=2e-5, msg=name)
+    with torch.no_grad():  # evaluation: no gradients computed, same loss
+        assert CausalLMLoss(model, 7)(batch).item() == pytest.approx(plain, rel=1e-5)
+
+
+PEAK_SCRIPT = """
+import resource, sys, torch
+from lockstep.training.loss import chunked_cross_entropy
+tokens, hidden, vocab = 8192, 64, 32768
+torch.manual_seed(0)
+h = torch.randn(tokens, hidden, requires_grad=True)
+w = torch.randn(vocab, hidden, requires_grad=True)
+y = torch.randint(0, vocab, (tokens,))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+chunked_cross_entropy(h, w, y, 512).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+    """Peak memory of the chunked loss grows by about chunk x vocab, not tokens x vocab."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    full_logits = 8192 * 32768 * 4  # 1 GiB of float32 logits
+    assert int(res.stdout) < full_logits / 4
+
+
+def test_chunked_gradients_equal_autograd_of_the_plain_loss():
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(500, 16, requires_grad=True)
+    y = torch.randint(0, 500, (300,))
+    (chunked_cross_entropy(h, w, y, 64) * 0.5).backward()  # an upstream gradient too
+    g_h, g_w = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    (torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum") * 0.5).backward()
+    torch.testing.assert_close(g_h, h.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_w, w.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_loss_under_bfloat16_autocast_is_close_to_plain():
+    model = load_model(ModelConfig(), init_seed=3)
+    batch = random_batch(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = CausalLMLoss(model, None)(batch).item()
+        chunked = CausalLMLoss(model, 16)(batch).item()
+    assert chunked == pytest.approx(plain, rel=2e-2)
+
+
+def test_padding_free_micro_batch_has_the_padded_loss():
+    model = load_model(ModelConfig(), init_seed=5)
+    rng = np.random.default_rng(0)
+    lens = [9, 23, 4, 17]
+    ids = [rng.integers(3, 2048, n) for n in lens]
+    labels = [np.where(np.arange(n) < 3, IGNORE, x) for n, x in zip(lens, ids, strict=True)]
+    samples = Samples(ids, labels, "fp", {})
+    loss = CausalLMLoss(model, 8)
+    slots = np.array([0, 1, PAD, 2, 3])
+    padded, free = collate(samples, slots, 0), collate(samples, slots, 0, padding_free=True)
+    assert free["input_ids"].shape == (1, sum(lens))  # not one padding token
+    assert (free["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
+    with torch.no_grad():
+        assert loss(free).item() == pytest.approx(loss(padded).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_length_grouping_keeps_every_step_and_cuts_padding(world):
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 500, 203)
+    plain = Order(11, 203, 32, 2, world)
+    grouped = Order(11, 203, 32, 2, world, lengths)
+    padded = {"plain": 0, "grouped": 0}
+    for step in range(plain.steps_per_epoch):
+        assert (grouped.global_batch(step) == plain.global_batch(step)).all()
+        for name, order in (("plain", plain), ("grouped", grouped)):
+            mbs = [mb for r in range(world) for mb in order.micro_batches(step, r)]
+            real = np.sort(np.concatenate(mbs))
+            assert (real == np.sort(order.global_batch(step))).all()  # same samples, once each
+            for mb in mbs:
+                lens = [lengths[i] for i in mb if i != PAD]
+                padded[name] += len(lens) * max(lens, default=0) - sum(lens)
+    assert padded["grouped"] < padded["plain"] / 2
+
+
+# ---------------------------------------------------------------- end to end, per switch
+
+
+def train(tmp_path, name: str, *overrides: str):
+    folder = tmp_path / name
+    folder.mkdir()
+    cfg = small_config(
+        folder, train={"max_steps": STEPS}, batch={"global_size": 8, "micro_size": 2}
+    )
+    res = run_cli("train", str(cfg), *overrides)
+    assert res.returncode == 0, res.stderr
+    return read(folder / "out" / "metrics.jsonl"), folder / "out"
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    rows, _ = train(tmp_path_factory.mktemp("speed"), "base")
+    assert rows[-1]["loss"] < rows[0]["loss"]  # it trains: comparisons are not of constants
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("overrides", "rel"),
+    [
+        (["train.loss_chunk=null"], 1e-5),
+        (["train.gradient_checkpointing=true"], 1e-5),
+        (["optim.fused=false"], 1e-5),
+        (["data.num_workers=2"], 0),
+        (["data.padding_free=true"], 1e-5),
+        (["data.group_by_length=false"], 1e-5),
+        (["data.padding_free=true", "data.group_by_length=false", "train.loss_chunk=3"], 1e-5),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
+)
+def test_switch_matches_the_default_path(tmp_path, baseline, overrides, rel):
+    rows, _ = train(tmp_path, "switch", *overrides)
+    assert [r["batch_sha"] for r in rows] == [r["batch_sha"] for r in baseline]
+    assert [r["target_tokens"] for r in rows] == [r["target_tokens"] for r in baseline]
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in baseline], rel=rel)
+
+
+@pytest.mark.parametrize(("master", "stored"), [("float32", "F32"), ("same", "BF16")])
+def test_bfloat16_mixed_and_pure_precision(tmp_path, baseline, master, stored):
+    rows, out = train(tmp_path, master, "model.dtype=bfloat16", f"model.master_weights={master}")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in baseline], rel=5e-2)
+    weights = load_file(out / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors")
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16}[stored]
+    assert {t.dtype for t in weights.values()} == {dtype}
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_the_eager_path(tmp_path, baseline):
+    rows, _ = train(tmp_path, "compiled", "train.compile=true")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in baseline], rel=1e-4)
+
+
+def test_float16_with_float32_master_weights_is_refused(tmp_path):
+    cfg = small_config(tmp_path)
+    res = run_cli("train", str(cfg), "model.dtype=float16")
+    assert res.returncode != 0
+    assert "needs loss scaling" in res.stderr and "bfloat16" in res.stderr
