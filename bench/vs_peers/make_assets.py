@@ -1,0 +1,201 @@
+"""The shared inputs of the peer benchmark: one model folder and one alpaca dataset.
+
+    .venv/bin/python bench/vs_peers/make_assets.py --out bench/vs_peers/work [--seed 0]
+
+Runs in lockstep's venv (torch + transformers) and writes, under --out:
+
+* ``model/``: a Llama-architecture model (about 10M parameters) with random weights drawn from
+  --seed, written by ``save_pretrained`` (safetensors, float32), plus the tokenizer. Every tool
+  loads this same folder (lockstep: ``model.path: <folder>``).
+* ``data/train.jsonl``: --records alpaca records (``instruction``, ``input``, ``output``) from a
+  seeded generator, and ``data/dataset_info.json`` naming it for LLaMA-Factory.
+
+The tokenizer is lockstep's built-in one (``src/lockstep/model/builtin/tiny``: byte-level BPE,
+2,048 tokens, ChatML), copied as is, with one change to its chat template: the newline after
+``<|im_end|>`` is moved inside the ``{% generation %}`` block. LLaMA-Factory's ``chatml``
+template trains on ``{output}<|im_end|>\\n``; with the newline inside the markers, lockstep
+(which masks by the markers) and TRL (``assistant_only_loss``, also by the markers) train on
+exactly the same tokens. The rendered text is unchanged.
+
+Every record has ``input: ""``: the words to work on are in the instruction, after a blank line.
+lockstep joins instruction and input with a blank line and LLaMA-Factory with a single newline,
+so a non-empty input would give the tools different prompts.
+
+The data is a set of word-level tasks (the demo task's idea, ``scripts/make_demo_data.py``) over
+2-100 words drawn log-uniformly, so records range from about 20 to 450 tokens and a batch
+padded to its longest sample is mostly padding: padding and packing matter. Records longer than
+--max-tokens (ChatML, tokenizer above) are re-drawn, so no tool truncates or drops any sample.
+The same --seed always gives the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = ROOT / "src" / "lockstep" / "model" / "builtin" / "tiny"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from make_demo_data import WORDS  # noqa: E402
+
+ASSETS_VERSION = 1  # bump when the generator or the model changes
+
+# ChatML, as in lockstep's built-in template, with the newline after <|im_end|> trained (see above)
+CHAT_TEMPLATE = """\
+{%- for message in messages %}
+{%- if message['role'] == 'assistant' %}
+{{- '<|im_start|>assistant\\n' }}{% generation %}{{- message['content'] + '<|im_end|>\\n' }}{% endgeneration %}
+{%- else %}
+{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+MODEL = {  # ~10M parameters: 6 blocks of 384, grouped-query attention, tied embeddings
+    "hidden_size": 384,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+
+
+def _numbered(ws: list[str]) -> str:
+    return "\n".join(f"{i}. {w}" for i, w in enumerate(ws, 1))
+
+
+TASKS = {
+    "Uppercase the words.": lambda ws: " ".join(ws).upper(),
+    "Reverse the order of the words.": lambda ws: " ".join(reversed(ws)),
+    "Sort the words alphabetically.": lambda ws: " ".join(sorted(ws)),
+    "Repeat every word twice.": lambda ws: " ".join(w for w in ws for _ in range(2)),
+    "Number the words, one per line.": _numbered,
+    "Return every second word.": lambda ws: " ".join(ws[1::2]) or ws[0],
+    "Return the last word.": lambda ws: ws[-1],
+    "Count the words.": lambda ws: str(len(ws)),
+}
+
+
+def make_record(rng: random.Random) -> dict[str, str]:
+    task = rng.choice(list(TASKS))
+    n = round(math.exp(rng.uniform(math.log(2), math.log(100))))
+    words = [rng.choice(WORDS) for _ in range(n)]
+    return {
+        "instruction": f"{task}\n\n{' '.join(words)}",
+        "input": "",
+        "output": TASKS[task](words),
+    }
+
+
+def chatml_ids(tok, rec: dict[str, str]) -> list[int]:
+    messages = [
+        {"role": "user", "content": rec["instruction"]},
+        {"role": "assistant", "content": rec["output"]},
+    ]
+    return tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+
+
+def make_data(tok, n: int, seed: int, max_tokens: int) -> tuple[list[dict], list[int]]:
+    rng = random.Random(seed)
+    records, lengths = [], []
+    while len(records) < n:
+        rec = make_record(rng)
+        length = len(chatml_ids(tok, rec))
+        if length <= max_tokens:
+            records.append(rec)
+            lengths.append(length)
+    return records, lengths
+
+
+def make_model(tok, seed: int, out: Path) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **MODEL,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--records", type=int, default=4000)
+    p.add_argument("--max-tokens", type=int, default=500, help="longest record, in tokens")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    stamp = {
+        "version": ASSETS_VERSION,
+        "seed": args.seed,
+        "records": args.records,
+        "max_tokens": args.max_tokens,
+        "model": MODEL,
+    }
+    done = args.out / "assets.json"
+    if done.is_file() and json.loads(done.read_text()).get("stamp") == stamp:
+        print(f"assets: reusing {args.out}")
+        return
+    shutil.rmtree(args.out / "model", ignore_errors=True)
+    shutil.rmtree(args.out / "data", ignore_errors=True)
+    model_dir, data_dir = args.out / "model", args.out / "data"
+    model_dir.mkdir(parents=True)
+    data_dir.mkdir(parents=True)
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TOKENIZER_DIR / name, model_dir / name)
+    (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    params = make_model(tok, args.seed, model_dir)
+
+    records, lengths = make_data(tok, args.records, args.seed, args.max_tokens)
+    with (data_dir / "train.jsonl").open("w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    info = {
+        "bench": {
+            "file_name": "train.jsonl",
+            "formatting": "alpaca",
+            "columns": {"prompt": "instruction", "query": "input", "response": "output"},
+        }
+    }
+    (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
+
+    lengths.sort()
+    summary = {
+        "parameters": params,
+        "records": len(records),
+        "tokens": sum(lengths),
+        "length_p50": lengths[len(lengths) // 2],
+        "length_p90": lengths[len(lengths) * 9 // 10],
+        "length_max": lengths[-1],
+    }
+    done.write_text(json.dumps({"stamp": stamp, "summary": summary}, indent=2))
+    print(
+        f"assets: {params / 1e6:.1f}M-parameter model, {len(records)} records "
+        f"(tokens per record: median {summary['length_p50']}, p90 {summary['length_p90']}, "
+        f"max {summary['length_max']}) in {args.out}"
+    )
+
+
+if __name__ == "__main__":
+    main()

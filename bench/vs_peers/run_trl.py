@@ -1,0 +1,114 @@
+"""One benchmark run of TRL's SFTTrainer; runs inside bench/.venvs/trl (no lockstep import).
+
+    bench/.venvs/trl/bin/python bench/vs_peers/run_trl.py SPEC.json
+
+SPEC.json (written by run.py): model, data, output_dir, result, steps, micro, accum,
+max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}.
+
+What TRL trains on: the alpaca records become conversations (user: instruction, plus a blank
+line and the input when there is one, as lockstep joins them; assistant: output), rendered by
+the model's own chat template (ChatML); ``assistant_only_loss=True`` masks by the template's
+``{% generation %}`` markers: the loss is on ``{output}<|im_end|>\\n``, as in lockstep and
+LLaMA-Factory. Packing is TRL's default strategy, best-fit decreasing (``bfd``), which also turns
+on padding-free batches: the packed rows of a micro-batch are concatenated into one row with
+position ids restarting at each sample, so no sample attends to another.
+
+Settings that differ from SFTConfig's defaults, to match the other tools: float32
+(``bf16=False``; SFTConfig turns bf16 on by default), no gradient checkpointing (on by default
+in SFTConfig; off in lockstep and LLaMA-Factory), cosine schedule without warmup, no weight
+decay, logging every step, no checkpoints, no evaluation, no reporting. The trained model is
+saved at the end, as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+T_START = time.perf_counter()
+
+import trl  # noqa: E402
+from datasets import load_dataset  # noqa: E402
+from peft import LoraConfig  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hf_probe import Probe  # noqa: E402
+
+
+def to_messages(rec: dict) -> dict:
+    user = f"{rec['instruction']}\n\n{rec['input']}" if rec.get("input") else rec["instruction"]
+    return {
+        "messages": [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": rec["output"]},
+        ]
+    }
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    data = load_dataset("json", data_files=spec["data"], split="train")
+    data = data.map(to_messages, remove_columns=data.column_names)
+
+    args = SFTConfig(
+        output_dir=spec["output_dir"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec["accum"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=spec["seed"],
+        max_length=spec["max_length"],
+        packing=spec["packing"],
+        assistant_only_loss=True,
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        model_init_kwargs={"dtype": "float32"},
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+    )
+    peft_config = None
+    if spec["method"] == "lora":
+        lora = spec["lora"]
+        peft_config = LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
+    probe = Probe(tokenizer.pad_token_id).install()
+    trainer = SFTTrainer(
+        model=spec["model"],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[probe],
+    )
+    out = trainer.train()
+    trainer.save_model(str(Path(spec["output_dir"]) / "final"))
+    probe.write(
+        spec["result"],
+        tool="trl",
+        train_runtime=out.metrics.get("train_runtime"),
+        process_s=time.perf_counter() - T_START,
+        padding_free=bool(trainer.padding_free),
+        versions_extra={"trl": trl.__version__},
+    )
+
+
+if __name__ == "__main__":
+    main()
