@@ -105,9 +105,11 @@ class DataConfig(Section):
     """Keep tokenised data on disk, keyed by a fingerprint of everything it depends on."""
     cache_dir: str | None = None
     """Where (None: ~/.cache/lockstep/data)."""
-    padding_free: bool = False
+    padding_free: Literal["auto"] | bool = "auto"
     """Concatenate a micro-batch's samples into one row (position ids restart per sample,
-    attention stays inside each sample): no compute is spent on padding; the loss is unchanged."""
+    attention stays inside each sample): no compute is spent on padding; the loss is unchanged.
+    `auto`: on CUDA when flash-attn is installed (variable-length attention); on a CPU when a
+    row stays short (micro_size x mean sample length <= 1024 tokens); never with packing."""
     group_by_length: bool = True
     """Inside each global batch, put samples of similar length into the same micro-batch (less
     padding). The step's set of samples is unchanged, so is the loss; a function of the batch."""

@@ -98,7 +98,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     lengths = samples.lengths() if cfg.data.group_by_length else None
     order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world, lengths)
     steps = total_steps(cfg, order)
-    model = build_model(cfg, seed, d)
+    free = parallel.padding_free(cfg, d, samples.stats["tokens"] / max(len(samples), 1))
+    model = build_model(cfg, seed, d, shared_rows=free or cfg.data.packing)
     engine = parallel.prepare(cfg, d, model)  # FSDP shards the model's parameters in place
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
@@ -117,11 +118,11 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             )
     if not rng_restored:  # a new run, or a rank the checkpoint's world did not have
         seed_rank_rngs(seed, rank, start_step)
-    _log_plan(cfg, samples, order, steps, world, model)
+    _log_plan(cfg, samples, order, steps, world, model, free)
     check_lockstep(fingerprint_fields(cfg, samples, order, model, start_step), d, "after building")
     engine = parallel.replicate(cfg, d, engine)
     batches = micro_batches(
-        samples, order, rank, start_step, steps, tokenizer.pad_token_id, cfg.data.padding_free,
+        samples, order, rank, start_step, steps, tokenizer.pad_token_id, free,
         0 if opts.debug else cfg.data.num_workers, d.device.type == "cuda",
     )  # fmt: skip
 
@@ -173,7 +174,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             ):
                 result = evaluate(
                     parallel.unwrap(engine), eval_samples, d, cfg.batch.micro_size,
-                    tokenizer.pad_token_id, cfg.data.padding_free, parallel.autocast(cfg, d),
+                    tokenizer.pad_token_id, free, parallel.autocast(cfg, d),
                 )  # fmt: skip
                 metrics.write({"step": done, **result})
                 logmod.get().info(f"step {done}: eval_loss {result['eval_loss']:.4f}, "
@@ -207,12 +208,15 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     return out
 
 
-def build_model(cfg: RunConfig, seed: int, d: Dist) -> torch.nn.Module:
-    """The model as it trains: loaded or initialised, adapters applied, on this rank's device."""
+def build_model(cfg: RunConfig, seed: int, d: Dist, shared_rows: bool) -> torch.nn.Module:
+    """The model as it trains: loaded or initialised, adapters applied, on this rank's device.
+
+    `shared_rows`: several samples share a row (packing, padding-free), which picks the
+    attention kernel under model.attn_implementation=auto.
+    """
     quantize = cfg.finetune.lora.quantize if cfg.finetune.method == "lora" else None
-    mcfg = cfg.model.model_copy(
-        update={"attn_implementation": parallel.attn_implementation(cfg, d.device)}
-    )
+    attn = parallel.attn_implementation(cfg, d.device, shared_rows)
+    mcfg = cfg.model.model_copy(update={"attn_implementation": attn})
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     if not quantize:  # a quantised model is placed on its device as it loads
         model = model.to(d.device)
@@ -316,7 +320,7 @@ def _version() -> str:
 
 
 def _log_plan(
-    cfg: RunConfig, samples: Samples, order: Order, steps: int, world: int, model
+    cfg: RunConfig, samples: Samples, order: Order, steps: int, world: int, model, free: bool
 ) -> None:
     log = logmod.get()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -340,6 +344,11 @@ def _log_plan(
         f"plan: {steps} optimizer steps ({order.steps_per_epoch}/epoch) of {order.global_size} "
         f"samples = {world} process(es) x {order.accumulation} accumulation x "
         f"{order.micro_size} micro-batch; {trainable / 1e6:.2f}M trainable parameters"
+    )
+    log.info(
+        f"micro-batches: {'padding-free rows' if free else 'padded rows'}"
+        f"{', grouped by length' if cfg.data.group_by_length else ''} (data.padding_free="
+        f"{cfg.data.padding_free}, data.group_by_length={cfg.data.group_by_length})"
     )
 
 

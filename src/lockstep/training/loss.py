@@ -105,12 +105,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, hidden.size(0), chunk):
                 h, y = hidden[s : s + chunk].to(dtype), labels[s : s + chunk]
                 logits = (h @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                target = logits.gather(1, y[:, None]).squeeze(1)
+                # log-sum-exp and softmax in place: one [chunk, vocab] buffer, no temporaries
+                top = logits.amax(dim=-1, keepdim=True)
+                norm = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+                total += (top + norm.log()).squeeze(1).sub(target).sum()
                 if not grads:
                     continue
-                # d(sum CE)/d(logits) = softmax - one_hot, computed in place over the logits
-                p = logits.sub_(lse[:, None]).exp_()
+                # d(sum CE)/d(logits) = softmax - one_hot
+                p = logits.div_(norm)
                 p[torch.arange(len(y), device=y.device), y] -= 1
                 p = p.to(dtype)
                 if grad_h is not None:
@@ -123,10 +126,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.saved_tensors  # used once: scaled in place, no second copy
         return (
-            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-            None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
+            None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype)),
+            None if grad_w is None else grad_w.mul_(grad_out).to(ctx.weight_dtype),
             None, None, None, None,
         )  # fmt: skip
 
