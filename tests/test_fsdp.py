@@ -9,8 +9,18 @@ from safetensors.torch import load_file
 
 from lockstep.report.metrics import read
 
+
+def train_rows(out):
+    return [r for r in read(out / "metrics.jsonl") if "loss" in r]
+
+
 STEPS = 10
-SECTIONS = {"train": {"max_steps": STEPS}, "checkpoint": {"every_steps": 5}}
+SECTIONS = {
+    "train": {"max_steps": STEPS},
+    "checkpoint": {"every_steps": 5},
+    "data": {"val_fraction": 0.05},  # eval_loss every 5 steps: a sharded forward on every rank
+    "eval": {"every_steps": 5},
+}
 
 
 def train(folder, *args: str, ok: bool = True):
@@ -31,7 +41,11 @@ def runs(tmp_path_factory):
 
 
 def test_ddp_and_fsdp_give_the_same_losses(runs):
-    ddp, fsdp = read(runs["ddp"] / "metrics.jsonl"), read(runs["fsdp"] / "metrics.jsonl")
+    ddp_eval = [r["eval_loss"] for r in read(runs["ddp"] / "metrics.jsonl") if "eval_loss" in r]
+    fsdp_eval = [r["eval_loss"] for r in read(runs["fsdp"] / "metrics.jsonl") if "eval_loss" in r]
+    assert len(ddp_eval) == 2
+    assert fsdp_eval == pytest.approx(ddp_eval, rel=1e-4)
+    ddp, fsdp = train_rows(runs["ddp"]), train_rows(runs["fsdp"])
     assert [r["batch_sha"] for r in fsdp] == [r["batch_sha"] for r in ddp]
     assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in ddp], rel=1e-4)
     assert [r["grad_norm"] for r in fsdp] == pytest.approx([r["grad_norm"] for r in ddp], rel=1e-3)
@@ -57,7 +71,7 @@ def test_sharded_checkpoint_resumes_exactly(runs):
     assert res.returncode != 0 and "injected failure at step 8" in res.stderr
     res, out = train(folder, *args)
     assert "resuming from" in res.stderr and "step-00000005" in res.stderr
-    reference, resumed = read(runs["fsdp"] / "metrics.jsonl"), read(out / "metrics.jsonl")
+    reference, resumed = train_rows(runs["fsdp"]), train_rows(out)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm", "batch_sha"):
         assert [r[key] for r in resumed] == [r[key] for r in reference], key
@@ -71,7 +85,7 @@ def test_sharded_checkpoint_resumes_on_one_process_and_exports(runs):
     ckpt = runs["fsdp"] / "checkpoints" / "step-00000005"
     one = runs["tmp"] / "one"
     res, out = train(one, "train.strategy=fsdp", f"checkpoint.resume={ckpt}")
-    reference, resumed = read(runs["fsdp"] / "metrics.jsonl"), read(out / "metrics.jsonl")
+    reference, resumed = train_rows(runs["fsdp"]), train_rows(out)
     assert [r["step"] for r in resumed] == list(range(6, STEPS + 1))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in reference[5:]],
                                                          rel=1e-4)  # fmt: skip
