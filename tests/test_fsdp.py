@@ -14,6 +14,8 @@ def train_rows(out):
     return [r for r in read(out / "metrics.jsonl") if "loss" in r]
 
 
+pytestmark = pytest.mark.slow  # torchrun runs: the README's test command and CI run them
+
 STEPS = 10
 SECTIONS = {
     "train": {"max_steps": STEPS},
@@ -63,7 +65,6 @@ def test_fsdp_checkpoints_are_sharded_and_the_final_model_is_whole(runs):
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
-@pytest.mark.slow
 def test_sharded_checkpoint_resumes_exactly(runs):
     folder = runs["tmp"] / "interrupted"
     args = ("--nproc-per-node", "2", "train.strategy=fsdp")
@@ -80,7 +81,6 @@ def test_sharded_checkpoint_resumes_exactly(runs):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
 def test_sharded_checkpoint_resumes_on_one_process_and_exports(runs):
     ckpt = runs["fsdp"] / "checkpoints" / "step-00000005"
     one = runs["tmp"] / "one"
@@ -104,3 +104,17 @@ def test_a_ddp_checkpoint_is_refused_by_a_sharded_run_in_words(runs, tmp_path):
                    f"checkpoint.resume={ckpt}", ok=False)  # fmt: skip
     assert res.returncode != 0
     assert "train.strategy=ddp" in res.stderr and "sharded" in res.stderr
+
+
+def test_lora_under_fsdp_trains_the_same_adapter_as_ddp(tmp_path):
+    adapters = {}
+    for strategy in ("ddp", "fsdp"):
+        _, out = train(tmp_path / strategy, "--nproc-per-node", "2", f"train.strategy={strategy}",
+                       "finetune.method=lora", "train.max_steps=4", "eval.every_steps=null",
+                       "data.val_fraction=0")  # fmt: skip
+        adapters[strategy] = load_file(out / "final" / "adapter_model.safetensors")
+    ddp, fsdp = adapters["ddp"], adapters["fsdp"]
+    assert ddp.keys() == fsdp.keys() and any("lora_B" in k for k in ddp)
+    assert any(ddp[k].abs().max() > 0 for k in ddp if "lora_B" in k)  # B moved off zero
+    for name in ddp:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-3, atol=1e-5, msg=name)

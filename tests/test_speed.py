@@ -178,6 +178,7 @@ def test_switch_matches_the_default_path(tmp_path, baseline, overrides, rel):
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in baseline], rel=rel)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("master", "stored"), [("float32", "F32"), ("same", "BF16")])
 def test_bfloat16_mixed_and_pure_precision(tmp_path, baseline, master, stored):
     rows, out = train(tmp_path, master, "model.dtype=bfloat16", f"model.master_weights={master}")
