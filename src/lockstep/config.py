@@ -6,16 +6,15 @@ and what is allowed, so a user never reads a pydantic or YAML traceback.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from lockstep import config_text
 from lockstep.errors import ConfigError
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -349,7 +348,7 @@ def validate(raw: dict[str, Any]) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(_explain(e)) from None
+        raise ConfigError(config_text.explain(e, RunConfig)) from None
     except (RecursionError, TypeError, ValueError, OverflowError) as e:
         raise ConfigError(f"the config cannot be read: {e}") from None
     check(cfg)
@@ -393,97 +392,9 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
         )
 
 
-# ---------------------------------------------------------------- error text
-
-
-def known_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema (sections and leaves); list items appear as key.N.field."""
-    keys = []
-    for name, field in model.model_fields.items():
-        dotted = f"{prefix}{name}"
-        keys.append(dotted)
-        sub = _sub_model(field.annotation)
-        if sub is not None:
-            item = ".N." if _is_list(field.annotation) else "."
-            keys.extend(known_keys(sub, dotted + item))
-    return keys
-
-
-def _is_list(annotation: Any) -> bool:
-    return getattr(annotation, "__origin__", None) is list
-
-
-def _sub_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        sub = _sub_model(arg)
-        if sub is not None:
-            return sub
-    return None
-
-
-def did_you_mean(key: str) -> str | None:
-    """The valid key a typo most likely meant: a sibling first, then the same leaf elsewhere."""
-    parts = ["N" if p.isdigit() else p for p in key.split(".")]
-    candidates = known_keys()
-    parent, leaf = ".".join(parts[:-1]), parts[-1]
-    siblings = [c for c in candidates if c.rsplit(".", 1)[0] == parent and c != parent]
-    if not parent:
-        siblings = [c for c in candidates if "." not in c]
-    names = {c.rsplit(".", 1)[-1]: c for c in siblings}
-    close = difflib.get_close_matches(leaf, list(names), n=1, cutoff=0.6)
-    if close:  # restore the user's list indices (data.train.0.pth -> data.train.0.path)
-        fixed = names[close[0]].split(".")
-        return ".".join(p if p.isdigit() else f for p, f in zip(key.split("."), fixed, strict=True))
-    by_leaf = {c.rsplit(".", 1)[-1]: c for c in candidates if "N" not in c.split(".")}
-    close = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
-    return by_leaf[close[0]] if close else None
-
-
-def _dotted(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
-
-
-def _explain(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors(include_url=False):
-        key = _dotted(e["loc"])
-        kind = e["type"]
-        if kind == "extra_forbidden":
-            hint = did_you_mean(key)
-            msg = f"unknown key {key!r}" + (f" (did you mean {hint}?)" if hint else "")
-        elif kind == "missing":
-            msg = f"{key}: required, but missing"
-        else:
-            got = _short(e.get("input"))
-            msg = f"{key}: got {got}: {_allowed(e)}"
-        if msg not in lines:
-            lines.append(msg)
-    if len(lines) == 1:
-        return f"invalid config: {lines[0]}"
-    return "invalid config:\n" + "\n".join(f"  - {m}" for m in lines)
-
-
-def _allowed(e: dict[str, Any]) -> str:
-    msg = str(e.get("msg", "invalid value"))
-    ctx = e.get("ctx") or {}
-    if e["type"] in ("greater_than_equal", "greater_than", "less_than", "less_than_equal"):
-        return msg.replace("Input should be", "expected a number")
-    if e["type"].startswith("literal"):
-        return msg.replace("Input should be", "allowed values are")
-    if e["type"] in ("model_type", "dict_type"):
-        return "expected a mapping of keys (a section)"
-    if ctx.get("error"):
-        return str(ctx["error"])
-    return msg.replace("Input should be", "expected")
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        text = str(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def known_keys() -> list[str]:
+    """Every dotted key of a run config (sections and leaves); list items as key.N.field."""
+    return config_text.known_keys(RunConfig)
 
 
 # ---------------------------------------------------------------- output
