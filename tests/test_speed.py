@@ -162,12 +162,16 @@ def baseline(tmp_path_factory):
     ("overrides", "rel"),
     [
         (["train.loss_chunk=null"], 1e-5),
-        (["train.gradient_checkpointing=true"], 1e-5),
-        (["optim.fused=false"], 1e-5),
-        (["data.num_workers=2"], 0),
+        pytest.param(["train.gradient_checkpointing=true"], 1e-5, marks=pytest.mark.slow),
+        pytest.param(["optim.fused=false"], 1e-5, marks=pytest.mark.slow),
+        pytest.param(["data.num_workers=2"], 0, marks=pytest.mark.slow),
         (["data.padding_free=false"], 1e-5),  # auto picks padding-free rows for this data
         (["data.group_by_length=false"], 1e-5),
-        (["data.padding_free=false", "data.group_by_length=false", "train.loss_chunk=3"], 1e-5),
+        pytest.param(
+            ["data.padding_free=false", "data.group_by_length=false", "train.loss_chunk=3"],
+            1e-5,
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else str(v),
 )
