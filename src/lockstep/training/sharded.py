@@ -33,16 +33,11 @@ def save(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def load(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Read path/sharded into this rank's shards (any world size, resharded as needed)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(engine, optimizer, options=_options())
     state = {"model": model_state, "optim": optim_state}
-    try:
-        dcp.load(state, checkpoint_id=str(path / FOLDER))
-    except Exception as e:  # DCP raises CheckpointException and others for a damaged folder
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+    _read(path, state)
     set_state_dict(
         engine, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
         options=_options(),
@@ -51,20 +46,26 @@ def load(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) 
 
 def load_weights(path: Path, model: torch.nn.Module) -> int:
     """The trained weights of a sharded checkpoint into a whole model (one process, export)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     from lockstep.training.loss import CausalLMLoss
 
     engine = CausalLMLoss(model)  # the names the checkpoint was written under
     state = {"model": get_model_state_dict(engine, options=_options())}
-    try:
-        dcp.load(state, checkpoint_id=str(path / FOLDER))
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+    _read(path, state)
     set_model_state_dict(engine, state["model"], options=_options())
     return len(state["model"])
+
+
+def _read(path: Path, state: dict) -> None:
+    """Fill `state` (resharded to this rank's shards) from path/sharded, errors in words."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, checkpoint_id=str(path / FOLDER))
+    except Exception as e:  # DCP raises CheckpointException and others for a damaged folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
 
 
 def is_sharded(path: Path) -> bool:
