@@ -13,7 +13,7 @@ from conftest import run_cli, small_config, write_jsonl
 from lockstep.config import DataConfig
 from lockstep.data import dataset
 from lockstep.data.render import IGNORE
-from lockstep.errors import DataError
+from lockstep.errors import ConfigError, DataError
 from lockstep.model.load import BUILTIN_DIR
 
 ALPACA = [{"instruction": f"Say {i}.", "input": "", "output": f"{i} {i}"} for i in range(6)]
@@ -107,12 +107,17 @@ def test_mixing_keeps_order_and_max_samples(tmp_path, tok):
 
 
 def test_overlong_truncate_or_drop(tmp_path, tok):
-    recs = [*ALPACA, {"instruction": "long " * 100, "input": "", "output": "x"}]
-    path = str(write_jsonl(tmp_path / "a.jsonl", recs))
+    long_answer = {"instruction": "Say it.", "input": "", "output": "word " * 100}
+    long_prompt = {"instruction": "long " * 100, "input": "", "output": "x"}
+    path = str(write_jsonl(tmp_path / "a.jsonl", [*ALPACA, long_answer, long_prompt]))
     cut = build(tok, {"path": path}, max_length=32)
-    assert len(cut) == 7 and cut.stats["truncated"] == 1 and max(map(len, cut.input_ids)) == 32
+    # the long answer keeps its first trained tokens; the long prompt keeps none: dropped, counted
+    assert len(cut) == 7 and cut.stats["truncated"] == 2 and max(map(len, cut.input_ids)) == 32
+    assert cut.stats["notes"]["no_target"]["count"] == 1
+    assert cut.stats["notes"]["no_target"]["first"] == f"{path}:8"
+    assert trained_text(tok, cut, 6).startswith("word word")
     drop = build(tok, {"path": path}, max_length=32, overlong="drop")
-    assert len(drop) == 6 and drop.stats["dropped"] == 1
+    assert len(drop) == 6 and drop.stats["dropped"] == 2
 
 
 def test_bad_line_7_is_named_and_skip_counts(tmp_path, tok):
@@ -162,8 +167,11 @@ def test_wrong_records_say_what_was_expected(tmp_path, tok, records, fmt, messag
 
 
 def test_missing_path_and_unsupported_type(tmp_path, tok):
+    (tmp_path / "x.xml").write_text("<hi/>")
+    with pytest.raises(DataError, match="unsupported file type '.xml'"):
+        build(tok, {"path": str(tmp_path / "x.xml")})
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+    with pytest.raises(ConfigError, match=r"data.train.0: .*x.txt is plain text.*format: text"):
         build(tok, {"path": str(tmp_path / "x.txt")})
     with pytest.raises(DataError, match="not found"):
         build(tok, {"path": str(tmp_path / "nope.jsonl")})

@@ -1,8 +1,9 @@
-"""render(): the trained tokens are exactly the assistant turns, with or without generation markers.
+"""Renderer: the trained tokens are exactly the assistant turns, with or without generation marks.
 
 The templates below are written like the real ones (no `{% generation %}` markers) and set on the
 built-in tiny tokenizer; their special tokens that tiny lacks tokenize as plain text, which is
-enough: the mask is found from characters, whatever the tokens are.
+enough: the mask is found from characters, whatever the tokens are. tests/test_templates.py runs
+every template shape of the real families through the data path.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from lockstep.data.render import IGNORE, TEMPLATES, render
+from lockstep.data.formats import convert
+from lockstep.data.render import IGNORE, Options, Renderer
+from lockstep.data.sources import Record
+from lockstep.data.templates import BUILTIN as TEMPLATES
 from lockstep.errors import DataError
 from lockstep.model.load import BUILTIN_DIR
 
@@ -73,6 +77,16 @@ def tok(base):
     saved = base.chat_template
     yield base
     base.chat_template = saved
+
+
+def render(tok, messages, where, train_on="assistant", template=None, multi_turn="auto"):
+    """One record in the messages format -> (ids, labels) of its one sample."""
+    if template:
+        tok.chat_template = TEMPLATES[template]  # what data.template does at tokenizer load
+    conv = convert(Record(where, {"messages": messages}), "messages")
+    out = Renderer(tok, Options(train_on, multi_turn)).render(conv, where)
+    assert len(out.samples) == 1, out.samples
+    return out.samples[0]
 
 
 def trained(tok, ids, labels):
@@ -161,11 +175,11 @@ def test_builtin_fallbacks_mark_content_and_end_of_turn(tok, name):
 
 def test_no_template_at_all_says_how_to_pick_one(tok):
     tok.chat_template = None
-    with pytest.raises(DataError, match="data.template"):
+    with pytest.raises(DataError, match="data.chat_template .*data.template"):
         render(tok, CHAT, "x")
 
 
-def test_template_that_rewrites_history_is_refused(tok):
+def test_template_that_rewrites_history_trains_each_turn_as_generated(tok):
     # like reasoning templates: earlier assistant turns lose their <think> part
     tok.chat_template = QWEN2.replace(
         "message['content'] + '<|im_end|>'",
@@ -174,9 +188,18 @@ def test_template_that_rewrites_history_is_refused(tok):
     )
     chat = [dict(m) for m in CHAT]
     chat[2]["content"] = "<think>reverse it</think>\nblue green red"
-    with pytest.raises(DataError, match=r"data.jsonl:7: .*not prefix-stable.*data.template"):
-        render(tok, chat, "data.jsonl:7")
-    # the same template on a conversation it does not rewrite is fine
+    conv = convert(Record("data.jsonl:7", {"messages": chat}), "messages")
+    out = Renderer(tok, Options()).render(conv, "data.jsonl:7")
+    # two samples: the first turn with its reasoning (as it was written when generated), then
+    # the whole conversation training only the last turn
+    assert [trained(tok, *s) for s in out.samples] == [
+        ["<think>reverse it</think>\nblue green red<|im_end|>"],
+        [ANSWERS[-1] + "<|im_end|>"],
+    ]
+    assert out.notes == [("split", "2 samples")]
+    with pytest.raises(DataError, match=r"data.jsonl:7: assistant message 3 is written .*whole"):
+        Renderer(tok, Options(multi_turn="whole")).render(conv, "data.jsonl:7")
+    # the same template on a conversation it does not rewrite: one sample
     ids, labels = render(tok, CHAT, "data.jsonl:7")
     assert trained(tok, ids, labels) == [a + "<|im_end|>" for a in ANSWERS]
 
@@ -193,7 +216,7 @@ def test_empty_assistant_turn_names_the_record(tok, template):
 
 def test_conversation_without_assistant_is_refused(tok):
     tok.chat_template = LLAMA3
-    with pytest.raises(DataError, match=r"data.jsonl:4: .*no assistant message"):
+    with pytest.raises(DataError, match=r"data.jsonl:4: .*no assistant turn"):
         render(tok, CHAT[:2], "data.jsonl:4", train_on="all")
 
 

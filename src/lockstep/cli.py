@@ -72,15 +72,15 @@ def _run_torchrun(argv: list[str], describe: str) -> int:
 
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from lockstep import config
-    from lockstep.data import cache, preview
+    from lockstep.data import cache, preview, templates
     from lockstep.model.load import load_tokenizer
 
     cfg = config.load(args.config, args.overrides)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
     samples, how = cache.load_or_build(cfg.data, tokenizer)
     print(f"[lockstep] data: {how}", file=sys.stderr)
     colour = sys.stdout.isatty() and not args.no_colour
-    print(preview.report(tokenizer, samples, args.n, colour))
+    print(preview.report(tokenizer, samples, args.n, colour, cfg.data))
     return 0
 
 
@@ -95,14 +95,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """eval_loss of a checkpoint (default: the run's newest) on the config's eval data."""
     from lockstep import config, dist
     from lockstep.data import cache
-    from lockstep.export import model_from_checkpoint, resolve_checkpoint
-    from lockstep.model.load import load_tokenizer
+    from lockstep.export import model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
     from lockstep.training.evaluate import eval_split, evaluate
 
     cfg = config.load(args.config, args.overrides)
     ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))
     model, trained_cfg, _ = model_from_checkpoint(ckpt)
-    tokenizer = load_tokenizer(trained_cfg.model)
+    tokenizer = tokenizer_from_checkpoint(ckpt, trained_cfg)
     samples, _ = cache.load_or_build(cfg.data, tokenizer)
     _, held = eval_split(cfg, samples, tokenizer, trained_cfg.seed)
     if held is None:
@@ -202,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", dest="top_p", type=float, default=0.9, help="nucleus sampling (0.9)")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=256)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument(
+        "--show-prompt", dest="show_prompt", action="store_true",
+        help="print each prompt on stderr exactly as the model receives it (its chat template)",
+    )  # fmt: skip
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_chat)
 

@@ -12,10 +12,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from lockstep import config_text
 from lockstep.errors import ConfigError
+
+# apply_chat_template's own arguments: not variables a config may pass to a template
+RENDER_ARGUMENTS = {"messages", "conversation", "tools", "documents", "add_generation_prompt",
+                    "continue_final_message", "tokenize", "chat_template", "return_dict",
+                    "return_assistant_tokens_mask", "padding", "truncation", "max_length"}  # fmt: skip
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -69,14 +81,26 @@ class FinetuneConfig(Section):
 
 class DatasetConfig(Section):
     path: str = Field(min_length=1)
-    """A .jsonl/.json/.csv/.parquet file, a folder of them, or a Hugging Face dataset name."""
+    """A .jsonl/.json/.csv/.parquet/.txt file, a folder of them, or a Hugging Face dataset name
+    (a .txt file is one text document: format text)."""
     format: Literal["alpaca", "messages", "sharegpt", "text"] = "alpaca"
     split: str = "train"
     """The split of a Hugging Face dataset."""
     columns: dict[str, str] | None = None
-    """lockstep's field name -> the dataset's, e.g. {instruction: prompt, output: response}."""
+    """lockstep's field name -> the dataset's, e.g. {instruction: prompt, output: response}.
+    The names each format reads are listed in the README ("Data"); LLaMA-Factory's names
+    (prompt, query, response, messages, role_tag, content_tag) are accepted for them."""
+    ignore_fields: list[str] = []
+    """Fields of the records that are known to be unused (not listed as unused at start-up)."""
     max_samples: PosInt | None = None
     """Use only the first N records of this dataset."""
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str] | None, info: ValidationInfo) -> dict | None:
+        from lockstep.data.formats import check_columns  # where the field names live
+
+        return check_columns(info.data.get("format", "alpaca"), v)
 
 
 class DataConfig(Section):
@@ -91,8 +115,22 @@ class DataConfig(Section):
     """What to do with a sample longer than max_length."""
     template: Literal["chatml", "llama3", "plain"] | None = None
     """None: the tokenizer's own chat template; else a built-in one (for tokenizers without)."""
+    chat_template: str | None = Field(None, min_length=1)
+    """A chat template to use instead of the tokenizer's: a path to a .jinja file, or the
+    template itself. Saved into every tokenizer lockstep writes (final/, checkpoints, export),
+    so the trained model is prompted exactly as it was trained."""
+    template_kwargs: dict[str, Any] = {}
+    """Variables the chat template reads, e.g. {enable_thinking: false} or {date_string: ...}."""
     train_on: Literal["assistant", "last", "all"] = "assistant"
     """Which tokens carry loss: every assistant turn, only the last one, or everything."""
+    multi_turn: Literal["auto", "split", "whole"] = "auto"
+    """How a conversation with several trained turns becomes samples. `whole`: one sample, which
+    needs a template that writes each earlier turn as it wrote it when that turn was generated;
+    `split`: one sample per trained turn (the conversation up to it); `auto`: whole where that
+    is exact, else split as little as needed (e.g. templates that drop reasoning from history)."""
+    reasoning: Literal["keep", "drop"] = "keep"
+    """Reasoning in the data (`reasoning_content`, or <think>...</think> in the content): `keep`
+    trains it (a template that would drop it is refused); `drop` removes it, answers only."""
     packing: bool = False
     """Pack samples into sequences of max_length (attention stays inside each sample); the
     global batch then counts packed sequences."""
@@ -364,6 +402,17 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
         )
     if cfg.data.eval and cfg.data.val_fraction:
         raise ConfigError("set data.eval or data.val_fraction, not both")
+    if cfg.data.template and cfg.data.chat_template:
+        raise ConfigError(
+            "set data.template (a built-in template) or data.chat_template (your own), not both"
+        )
+    taken = sorted(set(cfg.data.template_kwargs) & RENDER_ARGUMENTS)
+    if taken:
+        raise ConfigError(
+            f"data.template_kwargs: {', '.join(taken)} is set by lockstep for every rendering "
+            f"(the conversation, its tools, the generation prompt); give only the variables "
+            f"the template itself reads, such as enable_thinking"
+        )
     fz = cfg.finetune.freeze
     if cfg.finetune.method == "freeze" and (fz.trainable_layers is None) == (
         not fz.trainable_modules

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lockstep import config as config_mod
+from lockstep.data import templates
 from lockstep.dist import derive_seed
 from lockstep.errors import CheckpointError
 from lockstep.model import adapters
@@ -38,6 +39,21 @@ def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, config_mod.RunCo
     return model, cfg, len(checkpoint.load_weights(ckpt, model))
 
 
+def tokenizer_from_checkpoint(ckpt: Path, cfg: config_mod.RunConfig):
+    """The tokenizer a checkpoint saved (with the chat template the run trained with); one
+    written before checkpoints held a tokenizer is rebuilt from the run's config."""
+    saved = ckpt / "tokenizer"
+    if not (saved / "tokenizer_config.json").is_file():
+        return load_tokenizer(cfg.model, templates.configured(cfg.data))
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
+    except Exception as e:  # a damaged folder: transformers raises several types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise CheckpointError(f"cannot load the tokenizer saved in {saved}: {first}") from None
+
+
 def export(source: Path, out: Path, dtype: str | None = None) -> Path:
     ckpt = resolve_checkpoint(source)
     model, cfg, n_tensors = model_from_checkpoint(ckpt)
@@ -47,6 +63,6 @@ def export(source: Path, out: Path, dtype: str | None = None) -> Path:
         model = model.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    load_tokenizer(cfg.model).save_pretrained(out)
+    tokenizer_from_checkpoint(ckpt, cfg).save_pretrained(out)
     print(f"exported {ckpt} ({n_tensors} tensors) to {out}")
     return out

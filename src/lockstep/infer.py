@@ -264,6 +264,10 @@ def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> s
         inputs = tok.apply_chat_template(
             history, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
+        if getattr(args, "show_prompt", False):
+            prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+            print(f"[lockstep] prompt:\n{prompt}\n[lockstep] end of prompt", file=sys.stderr,
+                  flush=True)  # fmt: skip
     except Exception as e:  # no template, or one that refuses a role (e.g. system)
         raise ModelError(
             f"the tokenizer's chat template cannot render this conversation: {_first_line(e)}"

@@ -1,4 +1,11 @@
-"""Load the configured datasets and tokenise them once into (input_ids, labels) samples."""
+"""Load the configured datasets and tokenise them once into (input_ids, labels) samples.
+
+A record becomes one sample, or several: a conversation whose template rewrites earlier turns
+is split by data.multi_turn=auto (data/render.py), a text document longer than max_length is
+cut into consecutive chunks that overlap by one token, so every token of it is trained exactly
+once. What the build did beyond one-record-one-sample is counted in `stats["notes"]` and said in
+the start-up log and `lockstep data preview` (`describe`), as are the fields nothing read.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +20,18 @@ import numpy as np
 from tqdm import tqdm
 
 from lockstep.config import DataConfig, DatasetConfig
-from lockstep.data import formats, sources
-from lockstep.data.render import IGNORE, render
-from lockstep.errors import DataError
+from lockstep.data import formats, sources, templates
+from lockstep.data.render import IGNORE, NOTES, WARNINGS, Options, Renderer
+from lockstep.errors import ConfigError, DataError
 
-DATA_VERSION = 2  # bump when tokenisation or masking changes
+DATA_VERSION = 3  # bump when tokenisation or masking changes
+
+# notes of the build itself, beside those of rendering (render.NOTES)
+BUILD_NOTES = {
+    "no_target": "samples dropped: truncation to data.max_length left no trained token",
+    "chunked": "extra samples from text documents longer than data.max_length, cut into "
+    "consecutive chunks (every token trained once)",
+}
 
 
 @dataclass
@@ -60,15 +74,24 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def check_files(cfg: DataConfig) -> None:
-    """Fail fast, before any process or folder is made, on a data path that is not there."""
+def check_files(cfg: DataConfig, section: str = "data.train") -> None:
+    """Fail fast, before any process or folder is made, on a data path that is not there, a
+    text file given a chat format, or a data.chat_template file that is missing."""
     for i, ds in enumerate(cfg.train):
         hf = sources.is_saved_dataset(ds.path) or sources.is_hub_name(ds.path)
-        if not hf and not sources.files_of(ds.path):
+        files = [] if hf else sources.files_of(ds.path)
+        if not hf and not files:
             raise DataError(
-                f"data.train.{i}.path: file {ds.path!r} not found "
+                f"{section}.{i}.path: file {ds.path!r} not found "
                 f"(looked in {Path(ds.path).resolve()})"
             )
+        text = [f for f in files if f.suffix.lower() == ".txt"]
+        if text and ds.format != "text":
+            raise ConfigError(
+                f"{section}.{i}: {text[0]} is plain text, read as one document: set "
+                f"format: text for this dataset (it has format: {ds.format})"
+            )
+    templates.configured(cfg)
 
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
@@ -82,15 +105,38 @@ def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def encode(tokenizer: Any, rec: sources.Record, ds: DatasetConfig, cfg: DataConfig):
-    """One record -> (input_ids, labels); DataError names the record."""
-    conv = formats.convert(rec, ds.format, ds.columns)
-    if isinstance(conv, str):  # text: every token is trained, ending with eos
-        ids = tokenizer(conv, add_special_tokens=True)["input_ids"]
-        if tokenizer.eos_token_id is not None:
-            ids = [*ids, tokenizer.eos_token_id]
-        return ids, list(ids)
-    return render(tokenizer, conv, rec.where, train_on=cfg.train_on, template=cfg.template)
+@dataclass
+class Encoded:
+    """One record, tokenised: its samples, what rendering noted, and its unread fields."""
+
+    samples: list[tuple[list[int], list[int]]]
+    notes: list[tuple[str, str]]
+    unused: tuple[str, ...] = ()
+    chunks: int = 1  # a text document's chunks (1: it fits max_length)
+
+
+def encode(renderer: Renderer, rec: sources.Record, ds: DatasetConfig, cfg: DataConfig) -> Encoded:
+    """One record -> its samples; DataError names the record."""
+    conv = formats.convert(rec, ds.format, ds.columns, ds.ignore_fields)
+    if isinstance(conv, formats.Document):  # every token trained, ending with eos
+        tok = renderer.tok
+        ids = tok(conv.text, add_special_tokens=True, verbose=False)["input_ids"]
+        if tok.eos_token_id is not None:
+            ids = [*ids, tok.eos_token_id]
+        parts = chunks(ids, cfg.max_length)
+        return Encoded([(p, list(p)) for p in parts], [], conv.unused, len(parts))
+    rendered = renderer.render(conv, rec.where)
+    return Encoded(rendered.samples, rendered.notes, conv.unused)
+
+
+def chunks(ids: list[int], length: int) -> list[list[int]]:
+    """Consecutive windows of `length` tokens, each starting on the last token of the one
+    before: a token is only a target with context before it, so this trains every token but
+    the first exactly once."""
+    if len(ids) <= length:
+        return [ids]
+    step = length - 1
+    return [ids[k : k + length] for k in range(0, len(ids) - 1, step)]
 
 
 def read_records(cfg: DataConfig) -> list[tuple[int, sources.Record]]:
@@ -104,44 +150,65 @@ def read_records(cfg: DataConfig) -> list[tuple[int, sources.Record]]:
     return out
 
 
-_WORKER: dict[str, Any] = {}  # the tokenizer and config of a forked tokenising process
+_WORKER: dict[str, Any] = {}  # the renderer and config of a forked tokenising process
 
 
-def _encode_chunk(chunk: list[tuple[int, sources.Record]]) -> list[tuple[list, list] | str]:
-    tokenizer, cfg = _WORKER["tokenizer"], _WORKER["cfg"]
-    out: list[tuple[list, list] | str] = []
+def _encode_chunk(chunk: list[tuple[int, sources.Record]]) -> list[Encoded | str]:
+    renderer, cfg = _WORKER["renderer"], _WORKER["cfg"]
+    out: list[Encoded | str] = []
     for k, rec in chunk:
         try:
-            out.append(encode(tokenizer, rec, cfg.train[k], cfg))
+            out.append(encode(renderer, rec, cfg.train[k], cfg))
+        except formats.FieldRefused:
+            raise  # a dataset-wide problem: skipping records would hide it
         except DataError as e:
             out.append(str(e))
     return out
 
 
-def encode_all(cfg: DataConfig, tokenizer: Any) -> list[tuple[list, list] | str]:
-    """Every record encoded (or its error message), in order; data.num_proc processes."""
+def encode_all(
+    cfg: DataConfig, tokenizer: Any
+) -> tuple[list[tuple[int, sources.Record]], list[Encoded | str]]:
+    """Every record and its encoding (or its error message), in order; data.num_proc processes."""
     records = read_records(cfg)
-    _WORKER.update(tokenizer=tokenizer, cfg=cfg)
+    _WORKER.update(renderer=Renderer(tokenizer, Options.of(cfg)), cfg=cfg)
     size = max(1, min(2000, len(records) // (cfg.num_proc * 4) or 1))
-    chunks = [records[i : i + size] for i in range(0, len(records), size)]
+    batches = [records[i : i + size] for i in range(0, len(records), size)]
     bar = tqdm(total=len(records), desc="tokenise", unit="rec", disable=len(records) < 20_000,
                mininterval=1.0)  # fmt: skip
-    results: list[tuple[list, list] | str] = []
+    results: list[Encoded | str] = []
     try:
-        if cfg.num_proc > 1 and len(chunks) > 1:
+        if cfg.num_proc > 1 and len(batches) > 1:
             ctx = multiprocessing.get_context("fork")  # workers inherit the tokenizer
             with ctx.Pool(cfg.num_proc) as pool:
-                for part in pool.imap(_encode_chunk, chunks):
+                for part in pool.imap(_encode_chunk, batches):
                     results.extend(part)
                     bar.update(len(part))
         else:
-            for chunk in chunks:
-                results.extend(_encode_chunk(chunk))
-                bar.update(len(chunk))
+            for batch in batches:
+                results.extend(_encode_chunk(batch))
+                bar.update(len(batch))
     finally:
         bar.close()
         _WORKER.clear()
-    return results
+    return records, results
+
+
+class _Tally:
+    """Counts what a build did, for `stats` (plain JSON: it is cached with the samples)."""
+
+    def __init__(self) -> None:
+        self.notes: dict[str, dict[str, Any]] = {}
+        self.unused: dict[str, dict[str, int]] = {}
+
+    def note(self, kind: str, where: str, detail: str, n: int = 1) -> None:
+        entry = self.notes.setdefault(kind, {"count": 0, "first": where, "detail": detail})
+        entry["count"] += n
+
+    def fields(self, dataset: int, names: tuple[str, ...]) -> None:
+        counts = self.unused.setdefault(str(dataset), {})
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
 
 
 def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
@@ -152,27 +219,48 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
     labels_list: list[np.ndarray] = []
     bad: list[str] = []
     truncated = dropped = 0
-    for result in encode_all(cfg, tokenizer):
+    tally = _Tally()
+    records, results = encode_all(cfg, tokenizer)
+    for (k, rec), result in zip(records, results, strict=True):
         if isinstance(result, str):
             if cfg.on_bad_record == "error":
                 raise DataError(f"{result} (data.on_bad_record=skip skips such records)")
             bad.append(result)
             continue
-        ids, labels = result
-        if len(ids) > cfg.max_length:
-            if cfg.overlong == "drop":
-                dropped += 1
+        for kind, detail in result.notes:
+            tally.note(kind, rec.where, detail)
+        if result.chunks > 1:
+            tally.note("chunked", rec.where, f"{result.chunks} chunks", result.chunks - 1)
+        tally.fields(k, result.unused)
+        for ids, labels in result.samples:
+            if len(ids) > cfg.max_length:
+                if cfg.overlong == "drop":
+                    dropped += 1
+                    continue
+                ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
+                truncated += 1
+            label_arr = np.asarray(labels, dtype=np.int64)
+            if not (label_arr[1:] != IGNORE).any():
+                tally.note("no_target", rec.where, f"{len(ids)} tokens kept")
                 continue
-            ids, labels = ids[: cfg.max_length], labels[: cfg.max_length]
-            truncated += 1
-        ids_list.append(np.asarray(ids, dtype=np.int64))
-        labels_list.append(np.asarray(labels, dtype=np.int64))
+            ids_list.append(np.asarray(ids, dtype=np.int64))
+            labels_list.append(label_arr)
+    warning = templates.marker_warning(tokenizer, cfg.template)
+    if warning:
+        tally.note("fallback_markers", "", warning)
     if not ids_list:
         files = ", ".join(ds.path for ds in cfg.train)
-        why = f" ({len(bad)} bad records skipped, {dropped} too long)" if bad or dropped else ""
-        raise DataError(f"data.train holds no usable records{why}: {files}")
+        why = [f"{len(bad)} bad records skipped"] if bad else []
+        why += [f"{dropped} too long"] if dropped else []
+        if "no_target" in tally.notes:
+            why.append(f"{tally.notes['no_target']['count']} left with no trained token")
+        raise DataError(
+            f"data.train holds no usable records{' (' + ', '.join(why) + ')' if why else ''}: "
+            f"{files}"
+        )
     lengths = np.array([len(x) for x in ids_list])
     stats = {
+        "records": len(records) - len(bad),
         "samples": len(ids_list),
         "tokens": int(lengths.sum()),
         "target_tokens": int(sum(int((lab != IGNORE).sum()) for lab in labels_list)),
@@ -181,6 +269,8 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
         "skipped": len(bad),
         "first_skipped": bad[:3],
         "max_len": int(lengths.max()),
+        "notes": tally.notes,
+        "unused": tally.unused,
     }
     samples = Samples(ids_list, labels_list, fp, stats)
     if cfg.packing:
@@ -188,3 +278,23 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
 
         samples = pack(samples, cfg.max_length)
     return samples
+
+
+def describe(stats: dict[str, Any], cfg: DataConfig) -> list[tuple[bool, str]]:
+    """(is a warning, line) for each note of a build and each dataset's unread fields."""
+    lines = []
+    for kind, n in stats.get("notes", {}).items():
+        if kind == "fallback_markers":
+            lines.append((True, n["detail"]))
+            continue
+        text = {**NOTES, **BUILD_NOTES}[kind].format(multi_turn=cfg.multi_turn)
+        warn = kind in WARNINGS or kind == "no_target"
+        lines.append((warn, f"{n['count']} {text}; first: {n['first']} ({n['detail']})"))
+    for k, counts in stats.get("unused", {}).items():
+        if counts:
+            path = cfg.train[int(k)].path if int(k) < len(cfg.train) else f"dataset {k}"
+            listed = ", ".join(f"{name} ({n} records)" for name, n in sorted(counts.items()))
+            lines.append(
+                (False, f"{path}: fields not used: {listed} (ignore_fields silences this)")
+            )
+    return lines

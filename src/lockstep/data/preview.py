@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from lockstep.data.dataset import Samples
+from lockstep.config import DataConfig
+from lockstep.data.dataset import Samples, describe
 from lockstep.data.render import IGNORE
 
 COLOUR_ON, COLOUR_OFF = "\x1b[1;32m", "\x1b[0m"
@@ -30,7 +31,7 @@ def marked(tokenizer: Any, ids: np.ndarray, labels: np.ndarray, colour: bool) ->
     return "".join(out)
 
 
-def report(tokenizer: Any, samples: Samples, n: int, colour: bool) -> str:
+def report(tokenizer: Any, samples: Samples, n: int, colour: bool, cfg: DataConfig) -> str:
     parts = []
     for i in range(min(n, len(samples))):
         body = marked(tokenizer, samples.input_ids[i], samples.labels[i], colour)
@@ -40,6 +41,7 @@ def report(tokenizer: Any, samples: Samples, n: int, colour: bool) -> str:
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
     parts.append(
         "--- statistics\n"
+        f"records:        {st.get('records', st['samples'])}\n"
         f"samples:        {st['samples']}\n"
         f"tokens:         {st['tokens']}\n"
         f"trained tokens: {st['target_tokens']} ({st['target_tokens'] / max(st['tokens'], 1):.1%})\n"
@@ -52,5 +54,6 @@ def report(tokenizer: Any, samples: Samples, n: int, colour: bool) -> str:
             else ""
         )
         + f"fingerprint:    {samples.fingerprint}"
+        + "".join(f"\n{'warning' if warn else 'note'}: {line}" for warn, line in describe(st, cfg))
     )
     return "\n".join(parts)

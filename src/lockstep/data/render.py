@@ -1,203 +1,614 @@
-"""Conversation -> token ids and labels, with the loss only on the tokens the config trains.
+"""Conversation -> samples of token ids and labels, the loss only on the tokens the config trains.
 
-Which tokens are the assistant's comes from the chat template itself, never from searching the
-output for strings, so it is exact for the format the model will be prompted with. A template
-with `{% generation %}` markers says so directly. Most real ones (Qwen2, Llama-3, Mistral, ...)
-have none; for those each assistant turn is the text it appends to the rendered conversation
-before it. That is exact only for prefix-stable templates (rendering more turns only appends),
-so it is checked, never assumed: a template that rewrites earlier turns is an error, not a
-silently wrong mask.
+Which tokens are an assistant turn's comes from the chat template itself, never from searching
+the text for marker strings, so the mask is exact for the format the model will be prompted with:
+
+- A template with `{% generation %}` markers says so directly: its marks are the mask (the same
+  as transformers' `return_assistant_tokens_mask`).
+- Otherwise each assistant turn is what the template writes after the generation prompt: the
+  text of `messages[:i]` rendered with `add_generation_prompt` (the prompt the model is given
+  when it writes turn i) is a prefix of `messages[:i+1]` rendered, and the rest, up to the end
+  of the turn, is the turn: its reasoning, content, tool calls and end-of-turn marker. Templates
+  that ignore `add_generation_prompt` (the cue already ends the user turn, as with `[/INST]`)
+  need nothing special.
+- Two properties of a template are measured once on a probe conversation: text it appends only
+  after the last message (an end-of-conversation eos, never trained), and a tail of the
+  generation prompt it never writes into a conversation (`<think>\\n`: turns are trained as the
+  template writes them, and this is reported).
+- A template that writes an earlier turn differently once the conversation goes on (reasoning
+  dropped from history, a system prompt moved to the last user turn) cannot train that turn
+  inside the whole conversation without teaching the later form. With data.multi_turn=auto such
+  a record becomes several samples, each ending with turns that are written as they were
+  generated; `whole` refuses it instead, naming the turn.
+
+Everything the data holds must reach the trained text or be reported: an assistant's content,
+reasoning (unless data.reasoning=drop) and tool calls missing from its turn are errors; a system
+or user message, or the tools, missing from the rendering are counted warnings, as is a turn
+with no end-of-turn marker (the tokenizer's eos is then trained after it where the turn ends its
+sample). Each `Rendered` carries these notes; data/dataset.py counts them.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
+from lockstep.data.formats import Conversation
 from lockstep.errors import ConfigError, DataError, ModelError
 
 IGNORE = -100
 TRAIN_ON = ("assistant", "last", "all")
 
-# Fallbacks for tokenizers without a chat template (`data.template`). Each marks the assistant
-# content plus its end-of-turn marker with {% generation %}: the model learns to stop.
-CHATML = r"""
-{%- for message in messages %}
-{{- '<|im_start|>' + message['role'] + '\n' }}
-{%- if message['role'] == 'assistant' %}
-{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}
-{%- else %}
-{{- message['content'] + '<|im_end|>' }}
-{%- endif %}
-{{- '\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}
-"""
-
-LLAMA3 = r"""
-{{- '<|begin_of_text|>' }}
-{%- for message in messages %}
-{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}
-{%- if message['role'] == 'assistant' %}
-{% generation %}{{- message['content'] + '<|eot_id|>' }}{% endgeneration %}
-{%- else %}
-{{- message['content'] + '<|eot_id|>' }}
-{%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}
-"""
-
-# The space after "Assistant:" belongs to the trained turn, so a prompt ends on a clean token
-# boundary instead of a trailing space (BPE merges " word"; a lone trailing " " is a token the
-# model never saw before a word).
-PLAIN = r"""
-{%- for message in messages %}
-{%- if message['role'] == 'assistant' %}
-{{- 'Assistant:' }}{% generation %}{{- ' ' + message['content'] + eos_token }}{% endgeneration %}
-{%- else %}
-{{- (message['role'] | capitalize) + ': ' + message['content'] }}
-{%- endif %}
-{{- '\n\n' }}
-{%- endfor %}
-{%- if add_generation_prompt %}{{- 'Assistant:' }}{%- endif %}
-"""
-
-TEMPLATES = {"chatml": CHATML, "llama3": LLAMA3, "plain": PLAIN}
-
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
+_READS_REASONING = re.compile(r"(?:\.|\[\s*['\"])(reasoning_content|thinking|reasoning)\b")
+_PROBE = [
+    {"role": "user", "content": "ping"},
+    {"role": "assistant", "content": "pong"},
+    {"role": "user", "content": "again"},
+    {"role": "assistant", "content": "pang"},
+]
+_CALL = {"type": "function", "function": {"name": "probe_fn", "arguments": {"x": 1}}}
+# how a tool-call message without text may be given to a template: tried in this order
+_CALL_FORMS = [(content, args) for args in ("mapping", "json") for content in ("absent", "", None)]
+
+# What each note means, said once in the start-up log and in `data preview` with the number of
+# records it concerns (a record is noted once per kind) and the first of them.
+NOTES = {
+    "split": "records became one sample per group of trained turns (data.multi_turn={multi_turn}):"
+    " the template writes an earlier turn differently once the conversation goes on",
+    "prompt_tail": "records trained without the end of the generation prompt: the template "
+    "never writes it into a conversation",
+    "eos_appended": "records whose last trained turn got the tokenizer's eos token appended and "
+    "trained: the template writes no end-of-turn marker",
+    "no_end_marker": "records with an assistant turn that has no end-of-turn marker trained: the "
+    "template writes none and another turn follows (data.multi_turn=split ends each turn with "
+    "the eos token)",
+    "system_dropped": "records whose system message is not in the template's rendering (it drops "
+    "or replaces it)",
+    "message_dropped": "records with a user or tool message the template's rendering leaves out",
+    "tools_dropped": "records whose tool definitions are not in the template's rendering (it does "
+    "not read `tools`)",
+    "reasoning_dropped": "records whose reasoning was removed (data.reasoning=drop)",
+    "system_moved": "records trained with the system prompt inside the last user turn, where this "
+    "template writes it when the model is prompted (a finished conversation has none)",
+}
+WARNINGS = {"prompt_tail", "eos_appended", "no_end_marker", "system_dropped",
+            "message_dropped", "tools_dropped"}  # fmt: skip
 
 
-def render(
-    tokenizer: Any,
-    messages: list[dict[str, str]],
-    where: str,
-    train_on: str = "assistant",
-    template: str | None = None,
-) -> tuple[list[int], list[int]]:
-    """Return (input_ids, labels); labels are IGNORE on the tokens `train_on` leaves out.
+@dataclass(frozen=True)
+class Options:
+    """The data settings that decide what is trained (see DataConfig)."""
 
-    `train_on`: "assistant" (every assistant turn), "last" (the last one), "all" (every token).
-    `template`: None for the tokenizer's own chat template, or a name in TEMPLATES.
-    """
-    if train_on not in TRAIN_ON:
-        raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}, not {train_on!r}")
-    chat_template = _chat_template(tokenizer, template)
-    turns = _assistant_turns(messages, where)
-    text = _apply(tokenizer, chat_template, messages, where)
-    # apply_chat_template(tokenize=True) tokenizes its text exactly so: no special tokens added,
-    # since a template that wants bos writes it into the text.
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=train_on != "all")
-    ids = list(enc["input_ids"])
-    if train_on == "all":
-        return ids, ids.copy()
-    offsets = enc.get("offset_mapping")
-    if offsets is None:
-        raise ModelError(
-            "the tokenizer gives no character offsets (a slow tokenizer); use one with a "
-            "tokenizer.json (a fast tokenizer) or train_on: all"
-        )
-    if _GENERATION.search(chat_template):
-        mask = _marked(tokenizer, chat_template, messages, where)
-        if train_on == "last" and len(turns) > 1:  # the marks cover every turn: keep the last
-            start, _ = _span(tokenizer, chat_template, messages, turns[-1], text, where)
-            mask = [m and e > start for m, (_, e) in zip(mask, offsets, strict=True)]
-    else:
-        trained = turns[-1:] if train_on == "last" else turns
-        spans = [_span(tokenizer, chat_template, messages, i, text, where) for i in trained]
-        mask = [any(s < b and e > a for a, b in spans) for s, e in offsets]
-    labels = [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
-    return ids, labels
+    train_on: str = "assistant"
+    multi_turn: str = "auto"
+    reasoning: str = "keep"
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, data: Any) -> Options:
+        return cls(data.train_on, data.multi_turn, data.reasoning, dict(data.template_kwargs))
 
 
-def _chat_template(tokenizer: Any, name: str | None) -> str:
-    if name is not None:
-        if name not in TEMPLATES:
-            raise ConfigError(
-                f"data.template: unknown template {name!r}; choose from {', '.join(TEMPLATES)}"
+@dataclass
+class Rendered:
+    samples: list[tuple[list[int], list[int]]]
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    """(kind in NOTES, what happened in this record)."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a template does that the masks depend on, measured once on probe conversations."""
+
+    marked: bool
+    end_suffix: str = ""
+    """Written after the last message only (an end-of-conversation eos): never trained."""
+    prompt_tail: str = ""
+    """The end of the generation prompt that the template does not write before a turn."""
+    reasoning_fields: tuple[str, ...] = ()
+    """Message fields the template reads reasoning from (else reasoning goes inline)."""
+    call_content: str | None = "absent"
+    """A tool-call message's empty content as this template needs it: absent, "" or None."""
+    call_arguments: str = "mapping"
+    """Tool-call arguments as a mapping (the standard) or as JSON text (some templates)."""
+
+
+@dataclass(frozen=True)
+class _Turn:
+    prompt: str
+    """What the model is given when it writes the turn (the generation prompt)."""
+    body: str
+    """What the template writes for the turn: reasoning, content, tool calls, end marker."""
+    sample: str
+    """The text that ends with this turn: prompt + body (+ an end-of-conversation suffix)."""
+
+
+class Renderer:
+    """Renders the conversations of one dataset build with one tokenizer and one set of options."""
+
+    def __init__(self, tokenizer: Any, options: Options | None = None) -> None:
+        self.tok = tokenizer
+        self.opts = options or Options()
+        if self.opts.train_on not in TRAIN_ON:
+            raise ConfigError(f"train_on must be one of {', '.join(TRAIN_ON)}")
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(
+                "the tokenizer has no chat template; use a tokenizer that has one (model.path), "
+                "give one with data.chat_template (a .jinja file or the template text), or set "
+                "data.template to a built-in one (chatml, llama3, plain)"
             )
-        return TEMPLATES[name]
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "the tokenizer has no chat template; use a tokenizer that has one (model.path) or "
-            f"set data.template to one of {', '.join(TEMPLATES)}"
+        self._shapes: dict[str, Shape] = {}
+
+    def render(self, conv: Conversation, where: str) -> Rendered:
+        return _Job(self, conv, where).run()
+
+    def template(self, tools: list | None) -> str:
+        """The template text (a tokenizer's dict of named templates resolves per record)."""
+        try:
+            return self.tok.get_chat_template(None, tools)
+        except ValueError as e:
+            raise DataError(f"the tokenizer's chat template cannot be used: {e}") from None
+
+    def shape(self, source: str) -> Shape:
+        if source not in self._shapes:
+            self._shapes[source] = self._probe(source)
+        return self._shapes[source]
+
+    def _probe(self, source: str) -> Shape:
+        fields = tuple(dict.fromkeys(_READS_REASONING.findall(source)))
+        marked = bool(_GENERATION.search(source))
+        try:
+            one = self._text(source, _PROBE[:2])
+            two = self._text(source, _PROBE)
+            prompt = self._text(source, _PROBE[:1], add_generation_prompt=True)
+        except Exception:  # a template with rules the probe breaks: measure nothing
+            return Shape(marked, reasoning_fields=fields)
+        suffix = one[self._token_cut(one, _common(one, two)) :]
+        if not suffix.strip() or "pong" in suffix or not two.endswith(suffix):
+            suffix = ""
+        tail = ""
+        if not one.startswith(prompt):
+            tail = prompt[self._token_cut(prompt, _common(prompt, one)) :]
+            if "pong" in tail or "ping" in tail:
+                tail = ""
+        return Shape(marked, suffix, tail, fields, *self._call_form(source))
+
+    def _call_form(self, source: str) -> tuple[str | None, str]:
+        """The first form of a tool-call message this template writes the call of; else the
+        first it renders at all (so a record with calls gets "no tool-call format", not a
+        template error about a missing field)."""
+        renders = None
+        for content, args in _CALL_FORMS:
+            call = dict(_CALL, function=dict(_CALL["function"]))
+            if args == "json":
+                call["function"]["arguments"] = '{"x": 1}'
+            message: dict[str, Any] = {"role": "assistant", "tool_calls": [call]}
+            if content != "absent":
+                message["content"] = content
+            try:
+                text = self._text(source, [_PROBE[0], message])
+            except Exception:
+                continue
+            if "probe_fn" in text:
+                return content, args
+            renders = renders or (content, args)
+        return renders or ("absent", "mapping")
+
+    def _text(self, source: str, messages: list, **kw: Any) -> str:
+        return self.tok.apply_chat_template(
+            messages, chat_template=source, tokenize=False, **self.opts.template_kwargs, **kw
         )
-    try:  # resolves a tokenizer's dict of named templates to its default
-        return tokenizer.get_chat_template()
-    except ValueError as e:
-        raise DataError(f"the tokenizer's chat template cannot be used: {e}") from None
 
-
-def _assistant_turns(messages: list[dict[str, str]], where: str) -> list[int]:
-    """Indices of the assistant messages; an empty one would train only an end-of-turn marker."""
-    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
-    if not turns:
-        raise DataError(f"{where}: the conversation has no assistant message to train on")
-    for i in turns:
-        if not str(messages[i].get("content") or "").strip():
-            raise DataError(f"{where}: empty assistant turn (message {i + 1})")
-    return turns
-
-
-def _apply(
-    tokenizer: Any,
-    chat_template: str,
-    messages: list[dict[str, str]],
-    where: str,
-    **kwargs: Any,
-) -> Any:
-    """apply_chat_template (text unless asked otherwise), its errors as the record's DataError."""
-    kwargs.setdefault("tokenize", False)
-    try:
-        return tokenizer.apply_chat_template(messages, chat_template=chat_template, **kwargs)
-    except Exception as e:  # jinja raises its own error types for role-order violations
-        raise DataError(f"{where}: the chat template rejects this conversation: {e}") from None
-
-
-def _marked(
-    tokenizer: Any, chat_template: str, messages: list[dict[str, str]], where: str
-) -> list[int]:
-    """The template's own mask, from its {% generation %} markers."""
-    out = _apply(
-        tokenizer, chat_template, messages, where,
-        tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-    )  # fmt: skip
-    mask = list(out["assistant_masks"])
-    if not any(mask):
-        raise DataError(f"{where}: the chat template's {{% generation %}} markers mark no tokens")
-    return mask
-
-
-def _span(
-    tokenizer: Any,
-    chat_template: str,
-    messages: list[dict[str, str]],
-    i: int,
-    text: str,
-    where: str,
-) -> tuple[int, int]:
-    """Characters of `text` that assistant message i adds: its content and end-of-turn marker.
-
-    `before` ends with the generation prompt (the assistant header), which is what the model is
-    given at inference, so the header stays untrained; whitespace after the turn's end marker
-    (a separator the next turn could equally own) is left out.
-    """
-    fix = "set data.template or use a chat template with {% generation %} markers"
-    if i == 0:
-        raise DataError(
-            f"{where}: the conversation starts with an assistant turn, so its start cannot be "
-            f"found by rendering what comes before it; {fix}"
+    def _token_cut(self, text: str, at: int) -> int:
+        """`at` moved back to the start of the token of `text` it falls inside (a probe's two
+        renderings may share the first characters of two different marker tokens)."""
+        offsets = self.tok(text, add_special_tokens=False, return_offsets_mapping=True).get(
+            "offset_mapping"
         )
-    if "add_generation_prompt" not in chat_template:
+        for s, e in offsets or ():
+            if s < at < e:
+                return s
+        return at
+
+
+class _Job:
+    """One record: its prepared messages, cached renderings of its prefixes, and its notes."""
+
+    def __init__(self, renderer: Renderer, conv: Conversation, where: str) -> None:
+        self.tok, self.opts = renderer.tok, renderer.opts
+        self.where = where
+        self.tools = conv.tools
+        self.source = renderer.template(conv.tools)
+        self.shape = renderer.shape(self.source)
+        self.notes: list[tuple[str, str]] = []
+        self.reasoning: dict[int, str] = {}
+        self.answer: dict[int, str] = {}
+        self.messages = [self._prepare(i, m) for i, m in enumerate(conv.messages)]
+        turns = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
+        self.trained = [i for i in turns if i not in conv.untrained]
+        if self.opts.train_on == "last":
+            self.trained = self.trained[-1:]
+        self._cache: dict[tuple[int, bool, bool], str] = {}
+        self._turns: dict[int, _Turn] = {}
+        self.texts: list[str] = []  # the texts of the samples made (for the context checks)
+
+    # ------------------------------------------------------------------ top level
+
+    def run(self) -> Rendered:
+        if self.opts.train_on == "all":
+            ids = self._encode(self.upto(len(self.messages) - 1))["input_ids"]
+            return Rendered([(list(ids), list(ids))], self.notes)
+        if not self.trained:
+            raise DataError(f"{self.where}: no assistant turn to train on")
+        del self.messages[self.trained[-1] + 1 :]  # nothing after the last trained turn trains
+        pieces = self._marked_pieces() if self.shape.marked else self._span_pieces()
+        self._check_context("\n".join(self.texts))
+        if len(pieces) > 1:
+            self._note("split", f"{len(pieces)} samples")
+        return Rendered(pieces, self.notes)
+
+    # ------------------------------------------------------------------ templates without marks
+
+    def _span_pieces(self) -> list[tuple[list[int], list[int]]]:
+        """Samples that cover every trained turn, each turn trained once, as few as exactness
+        allows: the conversation up to the last trained turn first, then the conversation up to
+        the latest turn it could not train exactly, and so on."""
+        split = self.opts.multi_turn == "split"
+        remaining, pieces = list(self.trained), []
+        while remaining:
+            last = remaining[-1]
+            text = self.turn(last).sample
+            spans = {}
+            for i in [last] if split else remaining:
+                t = self.turn(i)
+                if text.startswith(t.prompt + t.body):
+                    spans[i] = (len(t.prompt), len((t.prompt + t.body).rstrip()))
+            if self.opts.multi_turn == "whole" and len(spans) < len(remaining):
+                self._refuse_whole(min(set(remaining) - set(spans)), text)
+            pieces.append(self._sample(text, spans, last))
+            self.texts.append(text)
+            remaining = [i for i in remaining if i not in spans]
+        return pieces[::-1]
+
+    def turn(self, i: int) -> _Turn:
+        """Assistant message i as it is generated: the prompt the model is given, and what the
+        template writes for the turn after it (found by rendering, never by searching)."""
+        if i in self._turns:
+            return self._turns[i]
+        written = self.upto(i)
+        prompt = self._render(i, True)
+        tail = self.shape.prompt_tail
+        routes = [(prompt, prompt, None)]
+        if tail and prompt.endswith(tail):
+            routes.append((prompt[: -len(tail)], prompt[: -len(tail)], "prompt_tail"))
+        if any(m["role"] == "system" for m in self.messages[:i]):
+            # a template that writes the system prompt only into the last user turn (so a
+            # finished conversation has none): the turn is what it writes after the prompt
+            # rendered without the system message, trained after the prompt with it
+            bare = self._render(i, True, without_system=True)
+            routes.append((bare, prompt, "system_moved"))
+            if tail and bare.endswith(tail):
+                routes.append((bare[: -len(tail)], prompt[: -len(tail)], "system_moved"))
+        for before, given, note in routes:
+            if written.startswith(before):
+                if note == "prompt_tail":
+                    self._note(note, repr(tail))
+                elif note:
+                    self._note(note, f"assistant message {i + 1}")
+                after = written[len(before) :]
+                body = after
+                end = self.shape.end_suffix
+                if end and body.endswith(end):
+                    body = body[: -len(end)]
+                self._turns[i] = _Turn(given, body, given + after)
+                return self._turns[i]
+        self._check_calls(i, written)
+        at = _common(prompt, written)
         raise DataError(
-            f"{where}: the chat template ignores add_generation_prompt, so where an assistant "
-            f"turn starts is unknown; {fix}"
+            f"{self.where}: assistant message {i + 1}: the chat template's generation prompt "
+            f"ends {_excerpt(prompt, at)}, but it writes this turn as {_excerpt(written, at)}, "
+            f"so the turn cannot be trained as the model will be prompted for it{self._hint()}"
         )
-    before = _apply(tokenizer, chat_template, messages[:i], where, add_generation_prompt=True)
-    upto = _apply(tokenizer, chat_template, messages[: i + 1], where)
-    if not (text.startswith(upto) and upto.startswith(before)):
+
+    def _sample(
+        self, text: str, spans: dict[int, tuple[int, int]], last: int
+    ) -> tuple[list[int], list[int]]:
+        """Token ids of `text` and labels that keep the tokens overlapping a span. A turn with
+        no end-of-turn marker learns to stop on the eos token where it ends the sample: the eos
+        the template writes after the last message, or else one appended."""
+        spans, append = dict(spans), False
+        eos = self.tok.eos_token
+        for i, (s, e) in list(spans.items()):
+            self._check_turn(i, text[s:e])
+            if not self._has_no_end_marker(i, text[s:e]):
+                continue
+            rest = text[e:].strip()
+            if i == last and eos and rest == eos:
+                spans[i] = (s, len(text.rstrip()))  # the template's own closing eos
+            elif i == last and not rest and self.tok.eos_token_id is not None:
+                append = True
+                self._note("eos_appended", f"after assistant message {i + 1}")
+            else:
+                self._note("no_end_marker", f"assistant message {i + 1}")
+        enc = self._encode(text)
+        ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+        ordered = sorted(spans.values())
+        labels, k = [], 0
+        for tok, (a, b) in zip(ids, offsets, strict=True):
+            while k < len(ordered) and ordered[k][1] <= a:
+                k += 1
+            inside = k < len(ordered) and ordered[k][0] < b and a < ordered[k][1]
+            labels.append(tok if inside else IGNORE)
+        if append:
+            ids.append(self.tok.eos_token_id)
+            labels.append(self.tok.eos_token_id)
+        return ids, labels
+
+    # ------------------------------------------------------------------ templates with marks
+
+    def _marked_pieces(self) -> list[tuple[list[int], list[int]]]:
+        """The template's {% generation %} marks are the mask; only turns the config does not
+        train (train_on=last, a loss weight of 0, one sample per turn) lose their marks."""
+        split = self.opts.multi_turn == "split"
+        groups = [[i] for i in self.trained] if split else [self.trained]
+        pieces = []
+        for turns in groups:
+            last = turns[-1]
+            out = self._apply(
+                self.messages[: last + 1], tokenize=True, return_dict=True,
+                return_assistant_tokens_mask=True,
+            )  # fmt: skip
+            ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+            text = self.upto(last)
+            offsets = self._encode(text)["offset_mapping"]
+            everyone = [i for i in range(last + 1) if self.messages[i]["role"] == "assistant"]
+            if turns != everyone:
+                mask = self._keep_marks(mask, offsets, text, turns, everyone)
+            if not any(mask):
+                raise DataError(
+                    f"{self.where}: the chat template's {{% generation %}} markers mark no "
+                    f"tokens of assistant message {last + 1}"
+                )
+            marked = _runs(text, offsets, mask)
+            for i in turns:
+                self._check_turn(i, marked)
+            self.texts.append(text)
+            pieces.append((ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]))
+        return pieces
+
+    def _keep_marks(
+        self, mask: list, offsets: list, text: str, turns: list[int], everyone: list[int]
+    ) -> list[bool]:
+        """Marks inside the stretch of `text` that belongs to a kept turn: from where the
+        conversation before it stops agreeing with `text`, to where the next turn's does."""
+        starts = [_common(self.upto(i - 1) if i else "", text) for i in everyone] + [len(text)]
+        kept = [(starts[k], starts[k + 1]) for k, i in enumerate(everyone) if i in turns]
+        return [
+            bool(m) and any(s <= a < e for s, e in kept)
+            for m, (a, _) in zip(mask, offsets, strict=True)
+        ]
+
+    # ------------------------------------------------------------------ checks and notes
+
+    def _check_turn(self, i: int, written: str) -> None:
+        """The turn's content, reasoning and tool calls must be in what is trained for it."""
+        answer, reasoning = self.answer.get(i, "").strip(), self.reasoning.get(i, "").strip()
+        if answer and answer not in written:
+            raise DataError(
+                f"{self.where}: the chat template does not write the content of assistant "
+                f"message {i + 1} into that turn, so it cannot be trained{self._hint()}"
+            )
+        if reasoning and reasoning not in written:
+            raise DataError(
+                f"{self.where}: the chat template drops the reasoning of assistant message "
+                f"{i + 1} (it is not in the text of that turn), so it would not be trained; set "
+                f"data.reasoning=drop to train the answers without it, or give data.chat_template "
+                f"a template that writes the reasoning of the turn being generated"
+            )
+        self._check_calls(i, written)
+
+    def _check_calls(self, i: int, written: str) -> None:
+        for call in self.messages[i].get("tool_calls") or ():
+            if call["function"]["name"] not in written:
+                raise DataError(
+                    f"{self.where}: the chat template does not write the tool calls of assistant "
+                    f"message {i + 1} (no call to {call['function']['name']!r} in that turn): "
+                    f"this template has no tool-call format; give data.chat_template one that "
+                    f"has, or leave tool-calling records out"
+                )
+
+    def _has_no_end_marker(self, i: int, written: str) -> bool:
+        answer = self.answer.get(i, "").strip()
+        return (
+            bool(answer)
+            and not self.messages[i].get("tool_calls")
+            and written.rstrip().endswith(answer)
+        )
+
+    def _check_context(self, text: str) -> None:
+        """Messages the template leaves out of the rendering are counted, not silently lost."""
+        for i, m in enumerate(self.messages):
+            content = str(m.get("content") or "").strip()
+            if m["role"] == "assistant" or not content or content in text:
+                continue
+            if m["role"] == "tool" and _json_text(content) in text:
+                continue  # a template that writes tool results as JSON strings
+            kind = "system_dropped" if m["role"] == "system" else "message_dropped"
+            self._note(kind, f"message {i + 1} ({m['role']})")
+        names = [t["function"]["name"] for t in self.tools or ()]
+        if names and not any(n in text for n in names):
+            self._note("tools_dropped", ", ".join(names))
+
+    def _refuse_whole(self, i: int, text: str) -> None:
+        turn = self.turn(i).sample
+        at = _common(turn, text)
         raise DataError(
-            f"{where}: the chat template is not prefix-stable (rendering a longer conversation "
-            f"changes the text of earlier turns, e.g. it rewrites or drops them), so the tokens "
-            f"of assistant message {i + 1} cannot be told apart; {fix}"
+            f"{self.where}: assistant message {i + 1} is written {_excerpt(turn, at)} when it is "
+            f"generated but {_excerpt(text, at)} once the conversation goes on (the template "
+            f"rewrites earlier turns), so data.multi_turn=whole cannot train it; "
+            f"data.multi_turn=auto trains each turn as it is generated, data.train_on=last "
+            f"trains only the last turn"
         )
-    return len(before), len(upto.rstrip())
+
+    def _hint(self) -> str:
+        return (
+            "; give data.chat_template a template that does (or data.train_on=last if only "
+            "earlier turns are affected)"
+        )
+
+    def _note(self, kind: str, detail: str) -> None:
+        if not any(k == kind for k, _ in self.notes):  # once per record
+            self.notes.append((kind, detail))
+
+    # ------------------------------------------------------------------ messages and rendering
+
+    def _prepare(self, i: int, m: dict[str, Any]) -> dict[str, Any]:
+        """An assistant message as this template wants it: reasoning in the field it reads, or
+        inline <think> text in the content (removed with data.reasoning=drop); tool calls in
+        the form it writes them."""
+        if m["role"] != "assistant":
+            return m
+        m = dict(m)
+        content = m.get("content")
+        field_reasoning = m.pop("reasoning_content", None)
+        inline = _split_reasoning(content) if content else None
+        if inline and field_reasoning is not None:
+            raise DataError(
+                f"{self.where}: assistant message {i + 1} has reasoning twice (a "
+                f"reasoning_content field and <think> in its content); keep one"
+            )
+        reasoning, answer = inline or (field_reasoning, content)
+        self.answer[i] = answer or ""
+        if reasoning is not None and reasoning.strip():
+            if self.opts.reasoning == "drop":
+                self._note("reasoning_dropped", f"assistant message {i + 1}")
+                m = _with_content(m, answer.lstrip() if inline and answer else answer)
+            elif self.shape.reasoning_fields:
+                self.reasoning[i] = reasoning
+                m = _with_content(m, answer.lstrip("\n") if answer else answer)
+                for name in self.shape.reasoning_fields:
+                    m[name] = reasoning
+            elif not inline:  # the data's own inline text stays as written
+                self.reasoning[i] = reasoning
+                m = _with_content(m, f"<think>\n{reasoning.strip()}\n</think>\n\n{answer or ''}")
+            else:
+                self.reasoning[i] = reasoning
+        if m.get("tool_calls"):
+            if not m.get("content"):
+                m.pop("content", None)
+                if self.shape.call_content != "absent":
+                    m["content"] = self.shape.call_content
+            if self.shape.call_arguments == "json":
+                m["tool_calls"] = [_json_arguments(c) for c in m["tool_calls"]]
+        return m
+
+    def upto(self, i: int) -> str:
+        """The conversation up to and including message i (i = -1: nothing), as text."""
+        return self._render(i + 1, False)
+
+    def _render(self, n: int, generation: bool, without_system: bool = False) -> str:
+        """messages[:n] as text (with the generation prompt, leaving out system messages)."""
+        key = (n, generation, without_system)
+        if key not in self._cache:
+            messages = self.messages[:n]
+            if without_system:
+                messages = [m for m in messages if m["role"] != "system"]
+            self._cache[key] = self._apply(messages, add_generation_prompt=generation)
+        return self._cache[key]
+
+    def _apply(self, messages: list, **kw: Any) -> Any:
+        kw.setdefault("tokenize", False)
+        try:
+            return self.tok.apply_chat_template(
+                messages, tools=self.tools, chat_template=self.source,
+                **self.opts.template_kwargs, **kw,
+            )  # fmt: skip
+        except Exception as e:  # jinja raises its own error types for the template's rules
+            what = "this conversation" if len(messages) >= len(self.messages) else (
+                f"the conversation before message {len(messages) + 1} (needed to find where "
+                "that turn starts)" if messages else "an empty conversation (needed to find "
+                "where the first turn, an assistant's, starts)"
+            )  # fmt: skip
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise DataError(
+                f"{self.where}: the chat template rejects {what}: {first} (a rule of the "
+                f"template itself: change the data, or give data.chat_template)"
+            ) from None
+
+    def _encode(self, text: str) -> Any:
+        # apply_chat_template(tokenize=True) tokenizes its text exactly so: no special tokens
+        # added, since a template that wants bos writes it into the text.
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        if enc.get("offset_mapping") is None:
+            raise ModelError(
+                "the tokenizer gives no character offsets (a slow tokenizer); use one with a "
+                "tokenizer.json (a fast tokenizer) or train_on: all"
+            )
+        return enc
+
+
+def _split_reasoning(content: str) -> tuple[str, str] | None:
+    """(reasoning, answer) of content written `<think>...</think>answer`, else None."""
+    body = content.lstrip()
+    if not body.startswith("<think>") or "</think>" not in body:
+        return None
+    reasoning, answer = body[len("<think>") :].split("</think>", 1)
+    return reasoning, answer
+
+
+def _with_content(m: dict[str, Any], content: str | None) -> dict[str, Any]:
+    m = dict(m)
+    if content:
+        m["content"] = content
+    else:
+        m.pop("content", None)
+    return m
+
+
+def _runs(text: str, offsets: list, mask: list) -> str:
+    """The text of the marked tokens, run by run (spaces inside a run kept), one per line."""
+    runs: list[list[int]] = []
+    for m, (a, b) in zip(mask, offsets, strict=True):
+        if not m:
+            continue
+        if runs and a <= runs[-1][1] + 1:
+            runs[-1][1] = max(runs[-1][1], b)
+        else:
+            runs.append([a, b])
+    return "\n".join(text[a:b] for a, b in runs)
+
+
+def _json_arguments(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call["function"]
+    args = fn["arguments"]
+    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return {**call, "function": {**fn, "arguments": text}}
+
+
+def _common(a: str, b: str) -> int:
+    """Length of the common prefix of a and b."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search: the texts are long and share most of their start
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _excerpt(text: str, at: int, width: int = 30) -> str:
+    """The text around position `at`, where two renderings part: '...before|after...'."""
+    before = text[max(0, at - width) : at]
+    after = text[at : at + width]
+    return repr(("..." if at > width else "") + before + "|" + after)
+
+
+def _json_text(value: str) -> str:
+    return json.dumps(value, ensure_ascii=False)[1:-1]

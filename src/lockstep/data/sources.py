@@ -1,4 +1,7 @@
-"""Where records come from: JSON, JSONL, CSV and Parquet files, folders of them, HF datasets.
+"""Where records come from: JSON, JSONL, CSV, Parquet and text files, folders of them, HF datasets.
+
+A .txt file is one record `{text: <the whole file>}`: one document, for the `text` format (a
+folder of .txt files is a corpus of documents; long ones are split into chunks, not cut).
 
 Every record carries its location ("file:line", "file: row N") so a bad one is reported where
 it is. A record that cannot even be parsed is yielded with `error` set, so the caller decides
@@ -17,7 +20,7 @@ from typing import Any
 
 from lockstep.errors import DataError
 
-SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,11 @@ def _read_file(p: Path) -> Iterator[Record]:
             reader = csv.DictReader(f)
             for row in reader:
                 yield Record(f"{p}:{reader.line_num}", {k: v for k, v in row.items() if k})
+    elif suffix == ".txt":
+        try:
+            yield Record(str(p), {"text": p.read_text(encoding="utf-8")})
+        except UnicodeDecodeError as e:
+            yield Record(str(p), {}, f"not UTF-8 text (byte {e.start})")
     else:  # .parquet
         import pyarrow.parquet as pq
 

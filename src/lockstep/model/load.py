@@ -42,7 +42,9 @@ def resolve(path: str) -> tuple[str, bool]:
     return path, False  # a hub id
 
 
-def load_tokenizer(cfg: ModelConfig) -> Any:
+def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> Any:
+    """The model's tokenizer; `chat_template` (data/templates.configured) replaces its template,
+    so the run's template is the one that renders the data and is saved with the model."""
     from transformers import AutoTokenizer
 
     where, _ = resolve(cfg.path)
@@ -52,6 +54,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
         raise ModelError(
             f"model.path {cfg.path!r}: cannot load the tokenizer: {_first_line(e)}"
         ) from None
+    if chat_template is not None:
+        tok.chat_template = chat_template
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise ModelError(

@@ -9,6 +9,7 @@ Layout: OUTPUT/checkpoints/step-00000100/
   rng-rank-R.pt          python, numpy, torch and CUDA generator states of rank R
   state.json             step, epoch, samples consumed, seed, config hash, world size, version
   config.yaml            the resolved config of the run that wrote it
+  tokenizer/             the run's tokenizer, with the chat template it trained with
   COMPLETE               written last; a folder without it does not exist for any reader
 
 A checkpoint is written into `.tmp-step-...`, flushed, marked COMPLETE, then renamed into place;
@@ -47,6 +48,12 @@ GUARDED = (
     "data.train",
     "data.max_length",
     "data.packing",
+    "data.template",
+    "data.chat_template",
+    "data.template_kwargs",
+    "data.train_on",
+    "data.multi_turn",
+    "data.reasoning",
     "batch.global_size",
 )
 
@@ -137,6 +144,7 @@ class Saver:
     root: Path
     keep_last: int | None
     rank: int
+    tokenizer: Any = None  # saved into every checkpoint: its chat template is the trained one
 
     def tmp_dir(self, step: int) -> Path:
         return self.root / f"{TMP_PREFIX}{folder_name(step)}"
@@ -179,6 +187,8 @@ class Saver:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
             config_mod.dump(cfg, tmp / "config.yaml")
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp / "tokenizer")
             _fsync_tree(tmp)
             (tmp / COMPLETE).write_text("ok\n")
             _fsync_tree(tmp)

@@ -16,8 +16,8 @@ from tqdm import tqdm
 
 from lockstep import config as config_mod
 from lockstep.config import RunConfig
-from lockstep.data import cache
-from lockstep.data.dataset import Samples
+from lockstep.data import cache, templates
+from lockstep.data.dataset import Samples, describe
 from lockstep.data.loader import micro_batches
 from lockstep.data.order import PAD, Order, batch_sha
 from lockstep.dist import (
@@ -89,7 +89,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         chash = config_mod.dump(cfg, out / "config.yaml")
         log.info(f"output: {out.resolve()}  seed: {seed}  config_hash: {chash}")
 
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
     samples = build_samples(cfg, d, tokenizer)
     samples, eval_samples = eval_split(cfg, samples, tokenizer, seed)
     if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
@@ -126,7 +126,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         0 if opts.debug else cfg.data.num_workers, d.device.type == "cuda",
     )  # fmt: skip
 
-    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank)
+    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, tokenizer)
     if d.is_main:
         truncate_after(out / "metrics.jsonl", start_step)  # rows past the checkpoint: redone
     tb_dir = out / "tensorboard" if cfg.log.tensorboard else None
@@ -326,7 +326,8 @@ def _log_plan(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     st = samples.stats
     log.info(
-        f"data: {st['samples']} samples, {st['tokens']} tokens ({st['target_tokens']} trained); "
+        f"data: {st['samples']} samples from {st.get('records', st['samples'])} records, "
+        f"{st['tokens']} tokens ({st['target_tokens']} trained); "
         f"longer than {cfg.data.max_length}: {st['truncated']} truncated, {st['dropped']} "
         f"dropped; fingerprint {samples.fingerprint}"
     )
@@ -340,6 +341,8 @@ def _log_plan(
         log.warning(
             f"skipped {st['skipped']} bad records (data.on_bad_record=skip); first:\n  {first}"
         )
+    for warn, line in describe(st, cfg.data):
+        (log.warning if warn else log.info)(f"data: {line}")
     log.info(
         f"plan: {steps} optimizer steps ({order.steps_per_epoch}/epoch) of {order.global_size} "
         f"samples = {world} process(es) x {order.accumulation} accumulation x "
@@ -392,7 +395,7 @@ def save_final(
     final, tmp = out / "final", out / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapters.is_peft(model):
-        base = _base_for_adapter(cfg, out)
+        base = _base_for_adapter(cfg, out, tokenizer)
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base
     # state: the full weights gathered from FSDP shards (the model itself holds only a shard)
@@ -403,11 +406,11 @@ def save_final(
     return final
 
 
-def _base_for_adapter(cfg: RunConfig, out: Path) -> str:
+def _base_for_adapter(cfg: RunConfig, out: Path, tokenizer) -> str:
     where, fresh = resolve(cfg.model.path)
     if not fresh:
         return str(Path(where).resolve()) if Path(where).exists() else where
     base = out / "base"
     load_model(cfg.model, derive_seed(cfg.seed, "init")).save_pretrained(base)
-    load_tokenizer(cfg.model).save_pretrained(base)
+    tokenizer.save_pretrained(base)
     return str(base.resolve())
