@@ -226,3 +226,67 @@ def test_num_proc_gives_the_same_samples(tmp_path, tok):
     two = build(tok, {"path": str(data)}, on_bad_record="skip", num_proc=2)
     assert [x.tolist() for x in one.input_ids] == [x.tolist() for x in two.input_ids]
     assert one.stats == two.stats and one.stats["skipped"] == 1
+
+
+@pytest.mark.parametrize(
+    ("record", "fmt", "message"),
+    [
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]},
+                       {"role": "assistant", "content": "a cat"}]}, "messages",
+         r"messages\[0\].content\[0\]: parts of type 'image_url' cannot be trained"),
+        ({"conversations": [{"from": "human", "value": "hi"},
+                            {"from": "function_call", "value": "{not json"}]}, "sharegpt",
+         r"conversations\[1\]: a tool call must be JSON"),
+        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
+          "tools": "[{oops"}, "sharegpt", r"field 'tools' is not valid JSON"),
+        ({"conversations": [{"from": "system", "value": "a"}, {"from": "human", "value": "hi"},
+                            {"from": "gpt", "value": "yo"}], "system": "b"}, "sharegpt",
+         r"a system turn and a 'system' field: give the system prompt once"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": None}]}, "messages",
+         r"messages\[1\]: 'content' is missing or null \(and no tool calls\)"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "tool_calls": [{"function": {"arguments": {}}}]}]},
+         "messages", r"a tool call needs a function name"),
+        ({"instruction": "hi", "output": "yo", "chosen": "yo", "rejected": "no"}, "alpaca",
+         r"field 'chosen' would change what is trained \(a preference pair"),
+    ],
+)  # fmt: skip
+def test_chat_records_that_cannot_be_trained_say_why(tmp_path, tok, record, fmt, message):
+    path = write_jsonl(tmp_path / "x.jsonl", [record])
+    with pytest.raises(DataError, match=rf"{path}:1: .*{message}"):
+        build(tok, {"path": str(path), "format": fmt})
+
+
+def test_unused_fields_are_named_and_ignore_fields_silences_them(tmp_path, tok):
+    records = [{**r, "id": i, "source": "web"} for i, r in enumerate(ALPACA)]
+    path = str(write_jsonl(tmp_path / "a.jsonl", records))
+    got = build(tok, {"path": path})
+    lines = dataset.describe(got.stats, DataConfig(train=[{"path": path}]))
+    assert (False, f"{path}: fields not used: id (6 records), source (6 records) "
+                   "(ignore_fields silences this)") in lines  # fmt: skip
+    quiet = build(tok, {"path": path, "ignore_fields": ["id", "source"]})
+    assert not dataset.describe(quiet.stats, DataConfig(train=[{"path": path}]))
+
+
+def test_template_settings_that_cannot_work_together_are_refused():
+    from lockstep.config import validate
+
+    base = {"data": {"train": [{"path": "x.jsonl"}]}}
+    with pytest.raises(ConfigError, match="data.template .* or data.chat_template .*not both"):
+        validate({"data": {**base["data"], "template": "chatml", "chat_template": "{{ x }}"}})
+    with pytest.raises(ConfigError, match="data.template_kwargs: tools is set by lockstep"):
+        validate({"data": {**base["data"], "template_kwargs": {"tools": []}}})
+    with pytest.raises(ConfigError, match=r"columns: got .*format 'text' reads no field 'output'"):
+        validate({"data": {"train": [{"path": "x", "format": "text", "columns": {"output": "y"}}]}})
+    # LLaMA-Factory's column names are accepted, as lockstep's
+    cfg = validate(
+        {"data": {"train": [{"path": "x", "columns": {"prompt": "q", "response": "a"}}]}}
+    )
+    assert cfg.data.train[0].columns == {"instruction": "q", "output": "a"}
+
+
+def test_a_missing_chat_template_file_fails_fast(tmp_path):
+    res = run_cli("train", str(small_config(tmp_path)), "data.chat_template=nope/template.jinja")
+    assert res.returncode == 1
+    assert "data.chat_template: file 'nope/template.jinja' not found" in res.stderr

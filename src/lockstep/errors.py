@@ -13,6 +13,11 @@ class DataError(LockstepError):
     """A data file or record cannot be used."""
 
 
+class DatasetError(DataError):
+    """A whole dataset cannot be used as configured: stops the run even with
+    data.on_bad_record=skip, where skipping every record would hide the one cause."""
+
+
 class ModelError(LockstepError):
     """The model or tokenizer cannot be loaded or used as configured."""
 

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lockstep.config import DataConfig, DatasetConfig
 from lockstep.data import formats, sources, templates
 from lockstep.data.render import IGNORE, NOTES, WARNINGS, Options, Renderer
-from lockstep.errors import ConfigError, DataError
+from lockstep.errors import ConfigError, DataError, DatasetError
 
 DATA_VERSION = 3  # bump when tokenisation or masking changes
 
@@ -159,7 +159,7 @@ def _encode_chunk(chunk: list[tuple[int, sources.Record]]) -> list[Encoded | str
     for k, rec in chunk:
         try:
             out.append(encode(renderer, rec, cfg.train[k], cfg))
-        except formats.FieldRefused:
+        except DatasetError:
             raise  # a dataset-wide problem: skipping records would hide it
         except DataError as e:
             out.append(str(e))

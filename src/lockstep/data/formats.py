@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lockstep.data.sources import Record
-from lockstep.errors import DataError
+from lockstep.errors import DataError, DatasetError
 
 Message = dict[str, Any]
 
@@ -58,6 +58,9 @@ REFUSED_FIELDS = {
     "kto_tag": "a KTO label marks answers as desirable or not",
     "loss_weight": "a per-record loss weight",
     "weight": "a per-record loss weight",
+    "images": "media the text refers to (lockstep fine-tunes text-only models)",
+    "videos": "media the text refers to (lockstep fine-tunes text-only models)",
+    "audios": "media the text refers to (lockstep fine-tunes text-only models)",
 }
 TURN_WEIGHTS = ("loss_weight", "weight")  # per message: 0 = not trained, 1 = trained
 
@@ -131,23 +134,26 @@ class Fields:
             )
         return value
 
-    def unused(self, ignore: list[str]) -> tuple[str, ...]:
-        """Fields nothing read; a refused one (see REFUSED_FIELDS) is an error."""
-        left = [k for k in self.raw if k not in self.read and k not in ignore]
-        left = [k for k in left if self.raw[k] is not None]  # an empty column is no data
-        for k in left:
-            if k in REFUSED_FIELDS:
-                raise FieldRefused(
+    def refuse(self, ignore: list[str]) -> None:
+        """A field whose meaning SFT would drop (REFUSED_FIELDS), unless `columns` reads it or
+        the dataset's ignore_fields sets it aside, is an error."""
+        read = set(self.columns.values())
+        for k, value in self.raw.items():
+            if k in REFUSED_FIELDS and value is not None and k not in read and k not in ignore:
+                raise DatasetError(
                     f"{self.where}: field {k!r} would change what is trained "
                     f"({REFUSED_FIELDS[k]}), and supervised fine-tuning does not read it; remove "
                     f"it, or add it to this dataset's ignore_fields to train on the records as if "
                     f"it were absent"
                 )
-        return tuple(str(k) for k in left)
 
-
-class FieldRefused(DataError):
-    """A field whose meaning lockstep would drop: stops the run even with on_bad_record=skip."""
+    def unused(self, ignore: list[str]) -> tuple[str, ...]:
+        """Fields nothing read (an empty column is no data)."""
+        return tuple(
+            str(k)
+            for k, v in self.raw.items()
+            if k not in self.read and k not in ignore and v is not None
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +246,10 @@ def messages(f: Fields) -> Conversation:
             )
         role = ROLES[t[role_key]]
         msg: Message = {"role": role}
-        text, reasoning, calls = _content(t.get(text_key), where, text_key)
+        value = t.get(text_key)
+        if role == "tool" and isinstance(value, (dict, int, float, bool)):
+            value = json.dumps(value, ensure_ascii=False)  # a result given as a JSON value
+        text, reasoning, calls = _content(value, where, text_key)
         for key in REASONING_FIELDS:
             if t.get(key) is not None:
                 if not isinstance(t[key], str):
@@ -292,6 +301,7 @@ def convert(
     if rec.error:
         raise DataError(f"{rec.where}: {rec.error}")
     f = Fields(rec, columns)
+    f.refuse(ignore or [])  # first: the truest thing to say about a preference or KTO record
     out = FORMATS[fmt](f)
     out.unused = tuple(out.unused) + f.unused(ignore or [])
     return out
