@@ -321,7 +321,10 @@ COMMAND_R_DEFAULT = r"""
 """
 COMMAND_R = {
     "default": COMMAND_R_DEFAULT,
-    "rag": COMMAND_R_DEFAULT.replace("SYSTEM_TOKEN|>", "SYSTEM_TOKEN|># Documents\n"),
+    "tool_use": COMMAND_R_DEFAULT.replace(
+        "{{- bos_token }}", "{{- bos_token + '# Tools in use' }}"
+    ),
+    "rag": COMMAND_R_DEFAULT.replace("{{- bos_token }}", "{{- bos_token + '# Documents' }}"),
 }
 
 # SmolLM3: a metadata system block (with today's date) opening every conversation; /think or
@@ -373,8 +376,9 @@ class Family:
     """No end-of-turn marker: the tokenizer's eos is trained after a sample's last turn."""
     system: str = "kept"
     """kept | dropped (counted) | refused:<the template's own message> | moved (to the last turn)."""
-    tools: bool = False
-    """The template has a tool-call format."""
+    call: str | None = None
+    """How the template writes the tests' call get_weather(city=Paris), as trained; None: it
+    has no tool-call format."""
     reasoning: str = "kept"
     """kept | refused (the template drops reasoning)."""
     multi_split: bool = False
@@ -389,21 +393,31 @@ DEEPSEEK_TOKENS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>
                    "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>",
                    "<｜tool▁call▁end｜>", "<｜tool▁sep｜>", "<｜tool▁output▁begin｜>",
                    "<｜tool▁output▁end｜>")  # fmt: skip
+R1_CALL = (
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+    '{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>'
+)
 FAMILIES = {
     "qwen2.5": Family(QWEN25, (*CHATML, "<|endoftext|>"), "<|im_end|>", end="<|im_end|>",
-                      tools=True),
+                      call='<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                           "</tool_call><|im_end|>"),
     "qwen3": Family(QWEN3, (*CHATML, "<think>", "</think>"), "<|im_end|>",
                     lead="<think>\n\n</think>\n\n", reasoning_lead="", end="<|im_end|>",
-                    tools=True, multi_split=True),
+                    multi_split=True,
+                    call='<think>\n\n</think>\n\n<tool_call>\n{"name": "get_weather", '
+                         '"arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'),
     "llama2": Family(LLAMA2, ("<s>", "</s>"), "</s>", bos="<s>", lead=" ", end=" </s>"),
     "mistral-v0.1": Family(MISTRAL_V1, ("<s>", "</s>"), "</s>", bos="<s>", lead=" ", end="</s>"),
     "mistral-v0.3": Family(MISTRAL_V3, ("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]",
                                         "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                                         "[TOOL_RESULTS]", "[/TOOL_RESULTS]"),
-                           "</s>", bos="<s>", lead=" ", end="</s>", system="moved", tools=True),
+                           "</s>", bos="<s>", lead=" ", end="</s>", system="moved",
+                           call='[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": '
+                                '"Paris"}, "id": "call00001"}]</s>'),
     "llama3.1": Family(LLAMA31, ("<|begin_of_text|>", "<|start_header_id|>",
                                  "<|end_header_id|>", "<|eot_id|>"),
-                       "<|eot_id|>", bos="<|begin_of_text|>", end="<|eot_id|>", tools=True),
+                       "<|eot_id|>", bos="<|begin_of_text|>", end="<|eot_id|>",
+                       call='{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'),
     "gemma2": Family(GEMMA2, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<eos>",
                      bos="<bos>", end="<end_of_turn>", system="refused:System role not supported"),
     "gemma3": Family(GEMMA3, ("<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"), "<eos>",
@@ -418,10 +432,10 @@ FAMILIES = {
                              end="<|im_end|>", system="dropped"),
     "deepseek-r1": Family(DEEPSEEK_R1, DEEPSEEK_TOKENS, "<｜end▁of▁sentence｜>",
                           bos="<｜begin▁of▁sentence｜>", end="<｜end▁of▁sentence｜>",
-                          reasoning="refused", tools=True),
+                          reasoning="refused", call=R1_CALL),
     "deepseek-r1-old": Family(DEEPSEEK_R1_OLD, DEEPSEEK_TOKENS, "<｜end▁of▁sentence｜>",
                               bos="<｜begin▁of▁sentence｜>", end="<｜end▁of▁sentence｜>",
-                              reasoning="refused", tools=True),
+                              reasoning="refused", call=R1_CALL),
     "deepseek-v3": Family(DEEPSEEK_V3, DEEPSEEK_TOKENS, "<｜end▁of▁sentence｜>",
                           bos="<｜begin▁of▁sentence｜>", end="<｜end▁of▁sentence｜>"),
     "glm4": Family(GLM4, ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",

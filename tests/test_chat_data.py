@@ -124,9 +124,7 @@ def test_llamafactory_demo_layouts_train_end_to_end_with_no_field_dropped(tmp_pa
     assert res.returncode == 0, res.stderr[-3000:]
     log = res.stderr
     assert "fields not used" not in log and "warning" not in log.lower(), log
-    assert "truncated" not in log.split("longer than 512: ")[1].split(",")[0] or (
-        "longer than 512: 0 truncated" in log
-    )
+    assert "longer than 512: 0 truncated, 0 dropped" in log, log
     # 4 + 4 + 2 + 6 conversations, 1 text file, 2 content-part records; the documents in
     # consecutive chunks of 512 that overlap by one token
     tok = family_tokenizer(FAMILIES["qwen2.5"])
@@ -240,9 +238,8 @@ def test_builtin_llama3_template_on_a_tokenizer_without_its_tokens_warns(tmp_pat
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     res = run_cli("train", str(tmp_path / "c.yaml"))
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "data.template=llama3: this tokenizer has no single token for <|begin_of_text|>" in (
-        res.stderr
-    )
+    said = "8 records rendered by data.template=llama3, whose markers this tokenizer has no "
+    assert said in res.stderr and "(<|begin_of_text|>, <|start_header_id|>," in res.stderr
 
 
 def test_refused_fields_and_template_refusals_name_the_cause(tmp_path, qwen_model):
@@ -259,4 +256,30 @@ def test_refused_fields_and_template_refusals_name_the_cause(tmp_path, qwen_mode
     assert res.returncode == 1
     assert "data.train.0.columns: got {'answer': 'output'}: format 'alpaca' reads no field " in (
         res.stderr
+    )
+
+
+def test_template_kwargs_render_the_training_data_and_the_chat_prompt(tmp_path):
+    """A variable the template reads (like enable_thinking) is passed in training and, for a
+    run folder, in `lockstep chat`: the model is prompted as it was trained."""
+    template = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+        "{%- if m.role == 'assistant' %}{{- mode }}{%- endif %}{{- m.content + '<|im_end|>\\n' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' + mode }}"
+        "{%- endif %}"
+    )
+    data = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "Hi", "output": "Yo"}] * 8)
+    cfg = {"output_dir": str(tmp_path / "out"), "seed": 1,
+           "data": {"train": [{"path": str(data)}], "chat_template": template,
+                    "template_kwargs": {"mode": "[calm]"}, "cache_dir": str(tmp_path / "c")},
+           "batch": {"global_size": 4, "micro_size": 4}, "train": {"max_steps": 1}}  # fmt: skip
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert run_cli("train", str(tmp_path / "c.yaml")).returncode == 0
+    preview = run_cli("data", "preview", str(tmp_path / "c.yaml"), "-n", "1")
+    assert "<|im_start|>assistant\n[calm][[Yo<|im_end|>]]" in preview.stdout, preview.stdout
+    chat = run_cli("chat", str(tmp_path / "out"), "--prompt", "Hey", "--show-prompt",
+                   "--temperature", "0", "--max-new-tokens", "1")  # fmt: skip
+    assert chat.returncode == 0, chat.stderr
+    assert "<|im_start|>user\nHey<|im_end|>\n<|im_start|>assistant\n[calm]\n[lockstep]" in (
+        chat.stderr
     )

@@ -218,3 +218,36 @@ def test_sigterm_during_a_replay_stops_without_saving(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "(a replay saves nothing)" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_guard_reads_settings_an_older_config_lacks_as_defaults():
+    from pathlib import Path
+
+    from lockstep import config as config_mod
+    from lockstep.errors import CheckpointError
+    from lockstep.training.checkpoint import Loaded, check_config_change
+
+    cfg = config_mod.validate({"data": {"train": [{"path": "x.jsonl"}]}, "seed": 1})
+    older = config_mod.to_dict(cfg)
+    for key in ("multi_turn", "reasoning", "chat_template", "template_kwargs"):
+        del older["data"][key]  # written before these settings existed
+    check_config_change(Loaded(Path("ck"), {}, older), cfg)  # nothing changed
+    changed = config_mod.to_dict(cfg)
+    changed["data"]["multi_turn"] = "whole"  # how records become samples: the data order
+    with pytest.raises(CheckpointError, match=r"data.multi_turn: 'whole' -> 'auto'"):
+        check_config_change(Loaded(Path("ck"), {}, changed), cfg)
+
+
+def test_resume_refuses_an_edited_chat_template_file_unless_forced(tmp_path):
+    from lockstep.model.load import BUILTIN_DIR
+
+    template = tmp_path / "chat.jinja"
+    template.write_text((BUILTIN_DIR / "tiny" / "chat_template.jinja").read_text())
+    cfg = small_config(tmp_path, train={"max_steps": 1})
+    args = ("train", str(cfg), f"data.chat_template={template}")
+    assert run_cli(*args).returncode == 0
+    template.write_text(template.read_text().replace("<|im_start|>", "<|im_start|> "))
+    res = run_cli(*args, "train.max_steps=2")
+    assert res.returncode == 1
+    assert "the tokenised data is not what it trained on (data fingerprint" in res.stderr
+    assert run_cli(*args, "train.max_steps=2", "checkpoint.resume_force=true").returncode == 0

@@ -24,10 +24,12 @@ from pydantic import (
 from lockstep import config_text
 from lockstep.errors import ConfigError
 
-# apply_chat_template's own arguments: not variables a config may pass to a template
+# the arguments of rendering itself (apply_chat_template's): not variables for a template
 RENDER_ARGUMENTS = {"messages", "conversation", "tools", "documents", "add_generation_prompt",
                     "continue_final_message", "tokenize", "chat_template", "return_dict",
-                    "return_assistant_tokens_mask", "padding", "truncation", "max_length"}  # fmt: skip
+                    "return_assistant_tokens_mask", "return_tensors", "tokenizer_kwargs",
+                    "padding", "truncation", "max_length", "sanitize_control_tokens",
+                    "add_special_tokens"}  # fmt: skip
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -88,8 +90,8 @@ class DatasetConfig(Section):
     """The split of a Hugging Face dataset."""
     columns: dict[str, str] | None = None
     """lockstep's field name -> the dataset's, e.g. {instruction: prompt, output: response}.
-    The names each format reads are listed in the README ("Data"); LLaMA-Factory's names
-    (prompt, query, response, messages, role_tag, content_tag) are accepted for them."""
+    The names each format reads are listed in the README ("Data"); the names dataset_info.json
+    files use (prompt, query, response, messages, role_tag, content_tag) are accepted too."""
     ignore_fields: list[str] = []
     """Fields of the records that are known to be unused (not listed as unused at start-up)."""
     max_samples: PosInt | None = None

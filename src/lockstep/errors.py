@@ -34,6 +34,12 @@ class TrainingError(LockstepError):
     """Training cannot go on (non-finite loss, a rank failed, ranks out of lockstep)."""
 
 
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception from another library: enough to say what went wrong in
+    one line of lockstep's own error."""
+    return ((str(e).strip().splitlines() or [type(e).__name__])[0] or type(e).__name__)[:limit]
+
+
 def show_traceback(flag: bool = False) -> bool:
     """--traceback, or LOCKSTEP_TRACEBACK=1 (read when an error happens, never at import)."""
     import os

@@ -12,7 +12,7 @@ import torch
 from lockstep import config as config_mod
 from lockstep.data import templates
 from lockstep.dist import derive_seed
-from lockstep.errors import CheckpointError
+from lockstep.errors import CheckpointError, first_line
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES, load_model, load_tokenizer
 from lockstep.training import checkpoint, sharded
@@ -50,8 +50,9 @@ def tokenizer_from_checkpoint(ckpt: Path, cfg: config_mod.RunConfig):
     try:
         return AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
     except Exception as e:  # a damaged folder: transformers raises several types
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise CheckpointError(f"cannot load the tokenizer saved in {saved}: {first}") from None
+        raise CheckpointError(
+            f"cannot load the tokenizer saved in {saved}: {first_line(e)}"
+        ) from None
 
 
 def export(source: Path, out: Path, dtype: str | None = None) -> Path:

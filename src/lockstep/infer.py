@@ -14,13 +14,13 @@ import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lockstep.errors import LockstepError, ModelError
+from lockstep.errors import LockstepError, ModelError, first_line
 
 Message = dict[str, str]
 
@@ -37,6 +37,8 @@ class Loaded:
     model: Any
     tokenizer: Any
     what: str  # said once at start-up, so the user knows which weights answer
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """A run's data.template_kwargs (enable_thinking, ...): prompts render as in training."""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,7 +96,24 @@ def load(model_path: str, adapter: str | None = None) -> Loaded:
             tokenizer = _load_tokenizer(adapter_dir)
     model.to(device)
     model.eval()
-    return Loaded(model, tokenizer, f"{what} on {device}")
+    kwargs = _run_template_kwargs(Path(model_path).expanduser())
+    if kwargs:
+        what += f"; chat template variables of the run: {kwargs}"
+    return Loaded(model, tokenizer, f"{what} on {device}", kwargs)
+
+
+def _run_template_kwargs(path: Path) -> dict[str, Any]:
+    """data.template_kwargs of the run whose output_dir `path` is (none for other folders)."""
+    if not (path / "final").is_dir() or not (path / "config.yaml").is_file():
+        return {}
+    from lockstep import config as config_mod
+
+    try:
+        raw = config_mod.read_file(path / "config.yaml")
+    except LockstepError:
+        return {}
+    kwargs = (raw.get("data") or {}).get("template_kwargs") or {}
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
 
 
 def _model_folder(path: Path) -> Path:
@@ -138,7 +157,7 @@ def _load_hf_folder(folder: Path) -> tuple[Any, Any, str]:
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
-        raise ModelError(f"cannot load the model in {folder}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load the model in {folder}: {first_line(e)}") from None
     return model, _load_tokenizer(folder), str(folder)
 
 
@@ -152,7 +171,7 @@ def _load_adapter_folder(folder: Path) -> tuple[Any, Any, str]:
             model = AutoPeftModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:
         raise ModelError(
-            f"cannot load adapter {folder} on its base {base!r}: {_first_line(e)}; if the base "
+            f"cannot load adapter {folder} on its base {base!r}: {first_line(e)}; if the base "
             f"has moved, run `lockstep chat BASE --adapter {folder}`"
         ) from None
     tokenizer_home = folder if (folder / "tokenizer_config.json").is_file() else Path(base)
@@ -196,7 +215,7 @@ def _apply_adapter(model: Any, adapter: Path, what: str) -> tuple[Any, str]:
             model = PeftModel.from_pretrained(model, adapter)
     except Exception as e:
         raise ModelError(
-            f"--adapter {adapter}: cannot apply it to {what}: {_first_line(e)}"
+            f"--adapter {adapter}: cannot apply it to {what}: {first_line(e)}"
         ) from None
     return model, f"{what} + adapter {adapter}"
 
@@ -215,7 +234,7 @@ def _load_tokenizer(folder: Path) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:
-        raise ModelError(f"cannot load the tokenizer in {folder}: {_first_line(e)}") from None
+        raise ModelError(f"cannot load the tokenizer in {folder}: {first_line(e)}") from None
     if tok.pad_token_id is None:  # generate wants a pad id even for one sequence
         tok.pad_token = tok.eos_token
     return tok
@@ -261,16 +280,19 @@ def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> s
 
     model, tok = loaded.model, loaded.tokenizer
     try:
+        kwargs = loaded.template_kwargs
         inputs = tok.apply_chat_template(
-            history, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            history, add_generation_prompt=True, return_tensors="pt", return_dict=True, **kwargs
         )
         if getattr(args, "show_prompt", False):
-            prompt = tok.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+            prompt = tok.apply_chat_template(
+                history, add_generation_prompt=True, tokenize=False, **kwargs
+            )
             print(f"[lockstep] prompt:\n{prompt}\n[lockstep] end of prompt", file=sys.stderr,
                   flush=True)  # fmt: skip
     except Exception as e:  # no template, or one that refuses a role (e.g. system)
         raise ModelError(
-            f"the tokenizer's chat template cannot render this conversation: {_first_line(e)}"
+            f"the tokenizer's chat template cannot render this conversation: {first_line(e)}"
         ) from None
     inputs = inputs.to(model.device)
     sampling = args.temperature > 0
@@ -309,7 +331,7 @@ def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> s
         raise
     thread.join()
     if failure:
-        raise ModelError(f"generation failed: {_first_line(failure[0])}") from failure[0]
+        raise ModelError(f"generation failed: {first_line(failure[0])}") from failure[0]
     text = "".join(pieces).strip()
     history.append({"role": "assistant", "content": text})
     return text
@@ -327,8 +349,3 @@ class _StopOn:
         return torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

@@ -26,12 +26,17 @@ from lockstep.errors import ConfigError, DataError, DatasetError
 
 DATA_VERSION = 3  # bump when tokenisation or masking changes
 
-# notes of the build itself, beside those of rendering (render.NOTES)
+# notes of the build itself, beside those of rendering (render.NOTES, render.WARNINGS)
 BUILD_NOTES = {
     "no_target": "samples dropped: truncation to data.max_length left no trained token",
     "chunked": "extra samples from text documents longer than data.max_length, cut into "
     "consecutive chunks (every token trained once)",
+    "split_markers": "records rendered by data.template={template}, whose markers this tokenizer "
+    "has no single token for (each is trained as several plain-text tokens): use "
+    "data.template=plain (it ends turns with the tokenizer's eos), or give data.chat_template a "
+    "template written with this tokenizer's special tokens",
 }
+BUILD_WARNINGS = {"no_target", "split_markers"}
 
 
 @dataclass
@@ -245,9 +250,9 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
                 continue
             ids_list.append(np.asarray(ids, dtype=np.int64))
             labels_list.append(label_arr)
-    warning = templates.marker_warning(tokenizer, cfg.template)
-    if warning:
-        tally.note("fallback_markers", "", warning)
+    split = templates.split_markers(tokenizer, cfg.template)
+    if split:
+        tally.note("split_markers", "", ", ".join(split), len(records) - len(bad))
     if not ids_list:
         files = ", ".join(ds.path for ds in cfg.train)
         why = [f"{len(bad)} bad records skipped"] if bad else []
@@ -283,13 +288,12 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
 def describe(stats: dict[str, Any], cfg: DataConfig) -> list[tuple[bool, str]]:
     """(is a warning, line) for each note of a build and each dataset's unread fields."""
     lines = []
+    texts = {**NOTES, **BUILD_NOTES}
     for kind, n in stats.get("notes", {}).items():
-        if kind == "fallback_markers":
-            lines.append((True, n["detail"]))
-            continue
-        text = {**NOTES, **BUILD_NOTES}[kind].format(multi_turn=cfg.multi_turn)
-        warn = kind in WARNINGS or kind == "no_target"
-        lines.append((warn, f"{n['count']} {text}; first: {n['first']} ({n['detail']})"))
+        text = texts[kind].format(multi_turn=cfg.multi_turn, template=cfg.template)
+        where = "; first: " + n["first"] if n["first"] else ""
+        detail = f" ({n['detail']})" if n["detail"] else ""
+        lines.append((kind in WARNINGS | BUILD_WARNINGS, f"{n['count']} {text}{where}{detail}"))
     for k, counts in stats.get("unused", {}).items():
         if counts:
             path = cfg.train[int(k)].path if int(k) < len(cfg.train) else f"dataset {k}"

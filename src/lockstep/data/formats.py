@@ -27,7 +27,7 @@ from lockstep.errors import DataError, DatasetError
 Message = dict[str, Any]
 
 # The fields each format reads, by lockstep's names (the keys `columns` may map), and the names
-# LLaMA-Factory's dataset_info.json gives them, accepted as the same keys.
+# names `dataset_info.json` files give them, accepted as the same keys.
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output", "system", "history", "tools"),
     "sharegpt": ("conversations", "system", "tools", "from", "value"),
@@ -84,7 +84,7 @@ class Document:
 
 
 def check_columns(fmt: str, columns: dict[str, str] | None) -> dict[str, str] | None:
-    """`columns` with LLaMA-Factory's names replaced by lockstep's; ValueError on a key the
+    """`columns` with dataset_info.json names replaced by lockstep's; ValueError on a key the
     format never reads (it would be silently unused)."""
     if not columns:
         return columns
@@ -226,7 +226,7 @@ def messages(f: Fields) -> Conversation:
     """OpenAI / Hugging Face style: `messages: [{role, content, ...}]` and optional `tools`.
 
     content: a string, or a list of parts: `{type: text, text}` (OpenAI) or `{type, value}` with
-    types text / reasoning / tool_call (LLaMA-Factory's newer layout); text parts are joined with
+    types text / reasoning / tool_call; text parts are joined with
     a newline. Assistant messages may carry `reasoning_content` (or `reasoning` / `thinking`),
     `tool_calls` (content may then be null); tool messages `tool_call_id` and `name`. A message's
     `loss_weight` (or `weight`) of 0 leaves that assistant turn untrained.
@@ -247,7 +247,7 @@ def messages(f: Fields) -> Conversation:
         role = ROLES[t[role_key]]
         msg: Message = {"role": role}
         value = t.get(text_key)
-        if role == "tool" and isinstance(value, (dict, int, float, bool)):
+        if role == "tool" and not isinstance(value, str) and not _is_parts(value):
             value = json.dumps(value, ensure_ascii=False)  # a result given as a JSON value
         text, reasoning, calls = _content(value, where, text_key)
         for key in REASONING_FIELDS:
@@ -372,6 +372,14 @@ def _content(value: Any, where: str, key: str) -> tuple[str | None, str | None, 
     return joined, "\n".join(reasoning) if reasoning else None, calls
 
 
+def _is_parts(value: Any) -> bool:
+    """A content-part list: `[{type: ...}, ...]` (anything else in a tool result is JSON)."""
+    return value is None or (
+        isinstance(value, list) and bool(value) and all(isinstance(p, dict) and "type" in p
+                                                        for p in value)
+    )  # fmt: skip
+
+
 def _trained(turn: dict, where: str, role: str) -> bool:
     """A turn's loss weight (`loss_weight` or `weight`): 1 or absent trains an assistant turn,
     0 leaves it untrained; other turns are never trained, so they may only say 0."""
@@ -431,8 +439,8 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
 
 def _link_tool_results(messages: list[Message]) -> None:
     """Number the calls that have no id (call00001, ...: nine letters and digits, which every
-    template accepts) and give each tool result the id and name of the call it answers, in order,
-    where the data leaves them out."""
+    template accepts) and give each tool result the id and name of the call it answers (the
+    call its tool_call_id names, else the next unanswered one) where the data leaves them out."""
     pending: list[dict[str, Any]] = []
     n = 0
     for m in messages:
@@ -443,7 +451,9 @@ def _link_tool_results(messages: list[Message]) -> None:
                 call.setdefault("id", f"call{n:05d}")
                 pending.append(call)
         elif m["role"] == "tool" and pending:
-            call = pending.pop(0)
+            named = [c for c in pending if c["id"] == m.get("tool_call_id")]
+            call = named[0] if named else pending[0]
+            pending.remove(call)
             m.setdefault("tool_call_id", call["id"])
             m.setdefault("name", call["function"]["name"])
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from lockstep.data.formats import Conversation
-from lockstep.errors import ConfigError, DataError, DatasetError, ModelError
+from lockstep.errors import ConfigError, DataError, DatasetError, ModelError, first_line
 
 IGNORE = -100
 TRAIN_ON = ("assistant", "last", "all")
@@ -48,6 +49,10 @@ SLOW_TOKENIZER = (
     "(a fast tokenizer) or data.train_on=all"
 )
 
+_FIX = (
+    "; give data.chat_template a template that does (or data.train_on=last if only earlier "
+    "turns are affected)"
+)
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
 _READS_REASONING = re.compile(r"(?:\.|\[\s*['\"])(reasoning_content|thinking|reasoning)\b")
 _PROBE = [
@@ -63,8 +68,8 @@ _CALL_FORMS = [(content, args) for args in ("mapping", "json") for content in ("
 # What each note means, said once in the start-up log and in `data preview` with the number of
 # records it concerns (a record is noted once per kind) and the first of them.
 NOTES = {
-    "split": "records became one sample per group of trained turns (data.multi_turn={multi_turn}):"
-    " the template writes an earlier turn differently once the conversation goes on",
+    "split": "records became several samples (data.multi_turn={multi_turn}: with auto, because "
+    "the template writes an earlier turn differently once the conversation goes on)",
     "prompt_tail": "records trained without the end of the generation prompt: the template "
     "never writes it into a conversation",
     "eos_appended": "records whose last trained turn got the tokenizer's eos token appended and "
@@ -80,9 +85,16 @@ NOTES = {
     "reasoning_dropped": "records whose reasoning was removed (data.reasoning=drop)",
     "system_moved": "records trained with the system prompt inside the last user turn, where this "
     "template writes it when the model is prompted (a finished conversation has none)",
+    "trailing": "records ending with messages after the last trained turn: they train nothing and "
+    "are left out of the samples",
+    "unprobed": "records rendered with a template that refused lockstep's probe conversation (a "
+    "user turn and an answer), so an end-of-conversation token or a generation-prompt tail is "
+    "not known to it (trained as written)",
+    "dated": "records rendered with today's date (the template calls strftime_now): the "
+    "samples depend on the day they are tokenised; the data cache keeps them for resumes",
 }
 WARNINGS = {"prompt_tail", "eos_appended", "no_end_marker", "system_dropped",
-            "message_dropped", "tools_dropped"}  # fmt: skip
+            "message_dropped", "tools_dropped", "unprobed"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,10 @@ class Shape:
     """A tool-call message's empty content as this template needs it: absent, "" or None."""
     call_arguments: str = "mapping"
     """Tool-call arguments as a mapping (the standard) or as JSON text (some templates)."""
+    probed: bool = True
+    """False: the template refused the probe conversations, so nothing above was measured."""
+    dated: bool = False
+    """The template writes today's date (strftime_now): samples depend on the day."""
 
 
 @dataclass(frozen=True)
@@ -167,12 +183,13 @@ class Renderer:
     def _probe(self, source: str) -> Shape:
         fields = tuple(dict.fromkeys(_READS_REASONING.findall(source)))
         marked = bool(_GENERATION.search(source))
+        dated = "strftime_now" in source
         try:
             one = self._text(source, _PROBE[:2])
             two = self._text(source, _PROBE)
             prompt = self._text(source, _PROBE[:1], add_generation_prompt=True)
-        except Exception:  # a template with rules the probe breaks: measure nothing
-            return Shape(marked, reasoning_fields=fields)
+        except Exception:  # a template with rules the probe breaks: measure nothing, say so
+            return Shape(marked, reasoning_fields=fields, probed=False, dated=dated)
         suffix = one[self._token_cut(one, _common(one, two)) :]
         if not suffix.strip() or "pong" in suffix or not two.endswith(suffix):
             suffix = ""
@@ -181,7 +198,8 @@ class Renderer:
             tail = prompt[self._token_cut(prompt, _common(prompt, one)) :]
             if "pong" in tail or "ping" in tail:
                 tail = ""
-        return Shape(marked, suffix, tail, fields, *self._call_form(source))
+        content, args = self._call_form(source)
+        return Shape(marked, suffix, tail, fields, content, args, dated=dated)
 
     def _call_form(self, source: str) -> tuple[str | None, str]:
         """The first form of a tool-call message this template writes the call of; else the
@@ -250,35 +268,60 @@ class _Job:
             return Rendered([(ids, list(ids))], self.notes)
         if not self.trained:
             raise DataError(f"{self.where}: no assistant turn to train on")
-        del self.messages[self.trained[-1] + 1 :]  # nothing after the last trained turn trains
-        pieces = self._marked_pieces() if self.shape.marked else self._span_pieces()
+        after = len(self.messages) - 1 - self.trained[-1]
+        if after:  # nothing after the last trained turn is trained: not rendered at all
+            self._note("trailing", f"{after} message(s)")
+            del self.messages[self.trained[-1] + 1 :]
+        if not self.shape.probed:
+            self._note("unprobed", "")
+        if self.shape.dated:
+            self._note("dated", "")
+        sample = self._marked_sample if self.shape.marked else self._span_sample
+        pieces = [sample(turns) for turns in self._groups()]
         self._check_context("\n".join(self.texts))
         if len(pieces) > 1:
             self._note("split", f"{len(pieces)} samples")
         return Rendered(pieces, self.notes)
 
-    # ------------------------------------------------------------------ templates without marks
-
-    def _span_pieces(self) -> list[tuple[list[int], list[int]]]:
-        """Samples that cover every trained turn, each turn trained once, as few as exactness
-        allows: the conversation up to the last trained turn first, then the conversation up to
-        the latest turn it could not train exactly, and so on."""
-        split = self.opts.multi_turn == "split"
-        remaining, pieces = list(self.trained), []
+    def _groups(self) -> list[list[int]]:
+        """The trained turns, sample by sample, in as few samples as exactness allows: the
+        conversation up to the last trained turn holds every turn it writes as that turn was
+        written when generated; the conversation up to the latest turn it did not hold comes
+        next; and so on. One sample per turn with data.multi_turn=split."""
+        if self.opts.multi_turn == "split":
+            return [[i] for i in self.trained]
+        remaining, groups = list(self.trained), []
         while remaining:
             last = remaining[-1]
-            text = self.turn(last).sample
-            spans = {}
-            for i in [last] if split else remaining:
-                t = self.turn(i)
-                if text.startswith(t.prompt + t.body):
-                    spans[i] = (len(t.prompt), len((t.prompt + t.body).rstrip()))
-            if self.opts.multi_turn == "whole" and len(spans) < len(remaining):
-                self._refuse_whole(min(set(remaining) - set(spans)), text)
-            pieces.append(self._sample(text, spans, last))
-            self.texts.append(text)
-            remaining = [i for i in remaining if i not in spans]
-        return pieces[::-1]
+            text = self.upto(last) if self.shape.marked else self.turn(last).sample
+            held = [i for i in remaining[:-1] if self._holds(text, i)] + [last]
+            if self.opts.multi_turn == "whole" and len(held) < len(remaining):
+                self._refuse_whole(min(set(remaining) - set(held)), text)
+            groups.append(held)
+            remaining = [i for i in remaining if i not in held]
+        return groups[::-1]
+
+    def _holds(self, text: str, i: int) -> bool:
+        """`text` writes assistant message i as it is written when generated."""
+        try:
+            t = self.turn(i)
+        except DataError:
+            if self.shape.marked:  # the marks train it; only where it stands is unknown
+                return False
+            raise
+        return text.startswith(t.prompt + t.body)
+
+    # ------------------------------------------------------------------ templates without marks
+
+    def _span_sample(self, turns: list[int]) -> tuple[list[int], list[int]]:
+        last = turns[-1]
+        text = self.turn(last).sample
+        spans = {}
+        for i in turns:
+            t = self.turn(i)
+            spans[i] = (len(t.prompt), len((t.prompt + t.body).rstrip()))
+        self.texts.append(text)
+        return self._sample(text, spans, last)
 
     def turn(self, i: int) -> _Turn:
         """Assistant message i as it is generated: the prompt the model is given, and what the
@@ -286,39 +329,48 @@ class _Job:
         if i in self._turns:
             return self._turns[i]
         written = self.upto(i)
-        prompt = self._render(i, True)
-        tail = self.shape.prompt_tail
-        routes = [(prompt, prompt, None)]
-        if tail and prompt.endswith(tail):
-            routes.append((prompt[: -len(tail)], prompt[: -len(tail)], "prompt_tail"))
-        if any(m["role"] == "system" for m in self.messages[:i]):
-            # a template that writes the system prompt only into the last user turn (so a
-            # finished conversation has none): the turn is what it writes after the prompt
-            # rendered without the system message, trained after the prompt with it
-            bare = self._render(i, True, without_system=True)
-            routes.append((bare, prompt, "system_moved"))
-            if tail and bare.endswith(tail):
-                routes.append((bare[: -len(tail)], prompt[: -len(tail)], "system_moved"))
-        for before, given, note in routes:
-            if written.startswith(before):
-                if note == "prompt_tail":
-                    self._note(note, repr(tail))
-                elif note:
-                    self._note(note, f"assistant message {i + 1}")
-                after = written[len(before) :]
-                body = after
-                end = self.shape.end_suffix
-                if end and body.endswith(end):
-                    body = body[: -len(end)]
-                self._turns[i] = _Turn(given, body, given + after)
-                return self._turns[i]
+        for before, given, note in self._routes(i):
+            if not written.startswith(before):
+                continue
+            if note == "prompt_tail":
+                self._note(note, repr(self.shape.prompt_tail))
+            elif note:
+                self._note(note, f"assistant message {i + 1}")
+            after = written[len(before) :]
+            end = self.shape.end_suffix
+            body = after[: -len(end)] if end and after.endswith(end) else after
+            self._turns[i] = _Turn(given, body, given + after)
+            return self._turns[i]
         self._check_calls(i, written)
+        prompt = self._render(i, True)
         at = _common(prompt, written)
         raise DataError(
             f"{self.where}: assistant message {i + 1}: the chat template's generation prompt "
             f"ends {_excerpt(prompt, at)}, but it writes this turn as {_excerpt(written, at)}, "
-            f"so the turn cannot be trained as the model will be prompted for it{self._hint()}"
+            f"so the turn cannot be trained as the model will be prompted for it{_FIX}"
         )
+
+    def _routes(self, i: int) -> Iterator[tuple[str, str, str | None]]:
+        """Where turn i may start, most likely first: (the text before it in the rendered
+        conversation, the prompt the model is given, the note it earns)."""
+        prompt = self._render(i, True)
+        tail = self.shape.prompt_tail
+        yield prompt, prompt, None
+        if tail and prompt.endswith(tail):
+            yield prompt[: -len(tail)], prompt[: -len(tail)], "prompt_tail"
+        rest = [m for m in self.messages[:i] if m["role"] != "system"]
+        if not rest or len(rest) == i:
+            return
+        # a template that writes the system prompt only into the last user turn (a finished
+        # conversation has none): the turn is what it writes after the prompt rendered without
+        # the system message, and it is trained after the prompt the model is given, with it
+        try:
+            bare = self._render(i, True, without_system=True)
+        except DataError:
+            return
+        yield bare, prompt, "system_moved"
+        if tail and bare.endswith(tail) and prompt.endswith(tail):
+            yield bare[: -len(tail)], prompt[: -len(tail)], "system_moved"
 
     def _sample(
         self, text: str, spans: dict[int, tuple[int, int]], last: int
@@ -353,49 +405,43 @@ class _Job:
 
     # ------------------------------------------------------------------ templates with marks
 
-    def _marked_pieces(self) -> list[tuple[list[int], list[int]]]:
-        """The template's {% generation %} marks are the mask; only turns the config does not
-        train (train_on=last, a loss weight of 0, one sample per turn) lose their marks."""
-        split = self.opts.multi_turn == "split"
-        groups = [[i] for i in self.trained] if split else [self.trained]
-        pieces = []
-        for turns in groups:
-            last = turns[-1]
-            out = self._apply(
-                self.messages[: last + 1], tokenize=True, return_dict=True,
-                return_assistant_tokens_mask=True,
-                tokenizer_kwargs={"return_offsets_mapping": True},
-            )  # fmt: skip
-            ids, mask, offsets = out["input_ids"], out["assistant_masks"], out.get("offset_mapping")
-            if offsets is None:
-                raise ModelError(SLOW_TOKENIZER)
-            text = self.upto(last)
-            everyone = [i for i in range(last + 1) if self.messages[i]["role"] == "assistant"]
-            if turns != everyone:
-                mask = self._keep_marks(mask, offsets, text, turns, everyone)
-            if not any(mask):
-                raise DataError(
-                    f"{self.where}: the chat template's {{% generation %}} markers mark no "
-                    f"tokens of assistant message {last + 1}"
-                )
-            marked = _runs(text, offsets, mask)
-            for i in turns:
-                self._check_turn(i, marked)
-            self.texts.append(text)
-            pieces.append((ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]))
-        return pieces
+    def _marked_sample(self, turns: list[int]) -> tuple[list[int], list[int]]:
+        """The template's {% generation %} marks are the mask; marks of a turn the config does
+        not train here (train_on=last, a loss weight of 0, another sample's turn) are dropped."""
+        last = turns[-1]
+        out = self._apply(
+            self.messages[: last + 1], tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=True, tokenizer_kwargs={"return_offsets_mapping": True},
+        )  # fmt: skip
+        ids, mask, offsets = out["input_ids"], out["assistant_masks"], out.get("offset_mapping")
+        if offsets is None:
+            raise ModelError(SLOW_TOKENIZER)
+        text = self.upto(last)
+        everyone = [i for i in range(last + 1) if self.messages[i]["role"] == "assistant"]
+        regions = self._regions(text, everyone)
+        if turns != everyone:
+            kept = [regions[i] for i in turns]
+            mask = [
+                bool(m) and any(s <= a < e for s, e in kept)
+                for m, (a, _) in zip(mask, offsets, strict=True)
+            ]
+        if not any(mask):
+            raise DataError(
+                f"{self.where}: the chat template's {{% generation %}} markers mark no tokens of "
+                f"assistant message {last + 1}"
+            )
+        for i in turns:
+            self._check_turn(i, _marked_text(text, offsets, mask, regions[i]))
+        self.texts.append(text)
+        return ids, [t if m else IGNORE for t, m in zip(ids, mask, strict=True)]
 
-    def _keep_marks(
-        self, mask: list, offsets: list, text: str, turns: list[int], everyone: list[int]
-    ) -> list[bool]:
-        """Marks inside the stretch of `text` that belongs to a kept turn: from where the
-        conversation before it stops agreeing with `text`, to where the next turn's does."""
-        starts = [_common(self.upto(i - 1) if i else "", text) for i in everyone] + [len(text)]
-        kept = [(starts[k], starts[k + 1]) for k, i in enumerate(everyone) if i in turns]
-        return [
-            bool(m) and any(s <= a < e for s, e in kept)
-            for m, (a, _) in zip(mask, offsets, strict=True)
-        ]
+    def _regions(self, text: str, turns: list[int]) -> dict[int, tuple[int, int]]:
+        """The stretch of `text` each assistant turn owns: from where the conversation before
+        it stops agreeing with `text` to where the next one's does."""
+        if len(turns) == 1:
+            return {turns[0]: (0, len(text))}
+        starts = [_common(self.upto(i - 1), text) if i else 0 for i in turns] + [len(text)]
+        return {i: (starts[k], starts[k + 1]) for k, i in enumerate(turns)}
 
     # ------------------------------------------------------------------ checks and notes
 
@@ -405,7 +451,7 @@ class _Job:
         if answer and answer not in written:
             raise DataError(
                 f"{self.where}: the chat template does not write the content of assistant "
-                f"message {i + 1} into that turn, so it cannot be trained{self._hint()}"
+                f"message {i + 1} into that turn, so it cannot be trained{_FIX}"
             )
         if reasoning and reasoning not in written:
             raise DataError(
@@ -454,9 +500,15 @@ class _Job:
                 continue  # a template that writes tool results as JSON strings
             kind = "system_dropped" if m["role"] == "system" else "message_dropped"
             self._note(kind, f"message {i + 1} ({m['role']})")
-        names = [t["function"]["name"] for t in self.tools or ()]
-        if names and not any(n in text for n in names):
-            self._note("tools_dropped", ", ".join(names))
+        if self.tools:  # a template that reads `tools` renders differently without them
+            try:
+                ignored = self._apply(self.messages, with_tools=False) == self.upto(
+                    len(self.messages) - 1
+                )
+            except DataError:  # it needs them: it reads them
+                ignored = False
+            if ignored:
+                self._note("tools_dropped", ", ".join(t["function"]["name"] for t in self.tools))
 
     def _refuse_whole(self, i: int, text: str) -> None:
         turn = self.turn(i).sample
@@ -467,12 +519,6 @@ class _Job:
             f"rewrites earlier turns), so data.multi_turn=whole cannot train it; "
             f"data.multi_turn=auto trains each turn as it is generated, data.train_on=last "
             f"trains only the last turn"
-        )
-
-    def _hint(self) -> str:
-        return (
-            "; give data.chat_template a template that does (or data.train_on=last if only "
-            "earlier turns are affected)"
         )
 
     def _note(self, kind: str, detail: str) -> None:
@@ -500,6 +546,11 @@ class _Job:
         self.answer[i] = answer or ""
         if reasoning is not None and reasoning.strip():
             if self.opts.reasoning == "drop":
+                if not (answer or "").strip() and not m.get("tool_calls"):
+                    raise DataError(
+                        f"{self.where}: assistant message {i + 1} is only reasoning: with "
+                        "data.reasoning=drop nothing of it is left to train"
+                    )
                 self._note("reasoning_dropped", f"assistant message {i + 1}")
                 m = _with_content(m, answer.lstrip() if inline and answer else answer)
             elif self.shape.reasoning_fields:
@@ -535,11 +586,11 @@ class _Job:
             self._cache[key] = self._apply(messages, add_generation_prompt=generation)
         return self._cache[key]
 
-    def _apply(self, messages: list, **kw: Any) -> Any:
+    def _apply(self, messages: list, with_tools: bool = True, **kw: Any) -> Any:
         kw.setdefault("tokenize", False)
         try:
             return self.tok.apply_chat_template(
-                messages, tools=self.tools, chat_template=self.source,
+                messages, tools=self.tools if with_tools else None, chat_template=self.source,
                 **self.opts.template_kwargs, **kw,
             )  # fmt: skip
         except Exception as e:  # jinja raises its own error types for the template's rules
@@ -548,9 +599,8 @@ class _Job:
                 "that turn starts)" if messages else "an empty conversation (needed to find "
                 "where the first turn, an assistant's, starts)"
             )  # fmt: skip
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise DataError(
-                f"{self.where}: the chat template rejects {what}: {first} (a rule of the "
+                f"{self.where}: the chat template rejects {what}: {first_line(e, 200)} (a rule of the "
                 f"template itself: change the data, or give data.chat_template)"
             ) from None
 
@@ -588,11 +638,12 @@ def _with_content(m: dict[str, Any], content: str | None) -> dict[str, Any]:
     return m
 
 
-def _runs(text: str, offsets: list, mask: list) -> str:
-    """The text of the marked tokens, run by run (spaces inside a run kept), one per line."""
+def _marked_text(text: str, offsets: list, mask: list, region: tuple[int, int]) -> str:
+    """The text of the marked tokens inside `region`, run by run (spaces inside a run kept)."""
     runs: list[list[int]] = []
+    lo, hi = region
     for m, (a, b) in zip(mask, offsets, strict=True):
-        if not m:
+        if not m or not lo <= a < hi:
             continue
         if runs and a <= runs[-1][1] + 1:
             runs[-1][1] = max(runs[-1][1], b)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lockstep.errors import DataError
+from lockstep.errors import DataError, first_line
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -143,10 +143,9 @@ def _load_hf(name: str, split: str) -> Any:
             return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         return datasets.load_dataset(name, split=split)
     except Exception as e:  # offline, unknown name, unknown split: all the same to the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DataError(
             f"data: {name!r} is not a local file or folder, and loading it as a Hugging Face "
-            f"dataset (split {split!r}) failed: {first}"
+            f"dataset (split {split!r}) failed: {first_line(e)}"
         ) from None
 
 

@@ -94,17 +94,9 @@ def is_inline(value: str) -> bool:
     return "{%" in value or "{{" in value
 
 
-def marker_warning(tokenizer: Any, name: str | None) -> str | None:
-    """A built-in template whose markers this tokenizer splits into several plain-text tokens:
-    the model would learn to end turns with a string of ordinary tokens."""
+def split_markers(tokenizer: Any, name: str | None) -> list[str]:
+    """The markers of built-in template `name` that this tokenizer has no single token for: the
+    model would learn to end turns with a string of ordinary tokens."""
     if name is None:
-        return None
-    split = [m for m in MARKERS[name] if len(tokenizer.encode(m, add_special_tokens=False)) != 1]
-    if not split:
-        return None
-    return (
-        f"data.template={name}: this tokenizer has no single token for "
-        f"{', '.join(split)}, so each is trained as several plain-text tokens; use "
-        "data.template=plain (which ends turns with the tokenizer's eos token), or give "
-        "data.chat_template a template written with this tokenizer's own special tokens"
-    )
+        return []
+    return [m for m in MARKERS[name] if len(tokenizer.encode(m, add_special_tokens=False)) != 1]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from lockstep.config import ModelConfig
-from lockstep.errors import ModelError
+from lockstep.errors import ModelError, first_line
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_DIR = Path(__file__).parent / "builtin"
@@ -52,7 +52,7 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> Any:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
         raise ModelError(
-            f"model.path {cfg.path!r}: cannot load the tokenizer: {_first_line(e)}"
+            f"model.path {cfg.path!r}: cannot load the tokenizer: {first_line(e)}"
         ) from None
     if chat_template is not None:
         tok.chat_template = chat_template
@@ -102,7 +102,7 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
         raise
     except Exception as e:
         raise ModelError(
-            f"model.path {cfg.path!r}: cannot load the model: {_first_line(e)}"
+            f"model.path {cfg.path!r}: cannot load the model: {first_line(e)}"
         ) from None
     return model
 
@@ -110,8 +110,3 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
 def weights_dtype(cfg: ModelConfig) -> torch.dtype:
     """The dtype the weights are held in: float32 master weights unless model.master_weights=same."""
     return DTYPES[cfg.dtype] if cfg.master_weights == "same" else torch.float32
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]

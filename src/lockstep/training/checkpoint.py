@@ -272,13 +272,31 @@ def check_config_change(loaded: Loaded, cfg: RunConfig) -> None:
     new = config_mod.to_dict(cfg)
     if new["seed"] is None:  # an agreed seed is inherited from the checkpoint
         new["seed"] = loaded.config.get("seed")
-    changes = changed_fields(loaded.config, new)
+    try:  # a setting the writing version did not have yet counts as its default
+        old = config_mod.to_dict(RunConfig.model_validate(loaded.config))
+    except Exception:  # a config this version cannot read: compare what is there
+        old = loaded.config
+    changes = changed_fields(old, new)
     if changes and not cfg.checkpoint.resume_force:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changes)
         raise CheckpointError(
             f"cannot resume from {loaded.path}: the config changed in fields that change the "
             f"data order or the model:\n{lines}\n"
             "Revert them, start a new output_dir, or set checkpoint.resume_force=true."
+        )
+
+
+def check_data_change(loaded: Loaded, fingerprint: str, cfg: RunConfig) -> None:
+    """Refuse to resume on samples other than those the checkpoint trained on (a data file,
+    the chat template file, the tokenizer or lockstep's data processing changed), unless forced:
+    the fields in GUARDED name settings, this catches what the settings point to."""
+    old = loaded.state.get("data_fingerprint")
+    if old and old != fingerprint and not cfg.checkpoint.resume_force:
+        raise CheckpointError(
+            f"cannot resume from {loaded.path}: the tokenised data is not what it trained on "
+            f"(data fingerprint {old} -> {fingerprint}): a data file, the chat template, the "
+            "tokenizer or lockstep's data processing changed. Restore them, start a new "
+            "output_dir, or set checkpoint.resume_force=true."
         )
 
 

@@ -92,6 +92,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
     samples = build_samples(cfg, d, tokenizer)
     samples, eval_samples = eval_split(cfg, samples, tokenizer, seed)
+    if loaded:
+        checkpoint.check_data_change(loaded, samples.fingerprint, cfg)
     if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
         samples = samples.without_last()  # test-only: a rank that read different data
     rank, world = opts.as_rank or (d.rank, d.world_size)
