@@ -21,13 +21,39 @@ from tqdm import tqdm
 
 from lockstep.config import DataConfig, DatasetConfig
 from lockstep.data import formats, sources, templates
-from lockstep.data.render import IGNORE, NOTES, WARNINGS, Options, Renderer
+from lockstep.data.render import IGNORE, Options, Renderer
 from lockstep.errors import ConfigError, DataError, DatasetError
 
 DATA_VERSION = 3  # bump when tokenisation or masking changes
 
-# notes of the build itself, beside those of rendering (render.NOTES, render.WARNINGS)
-BUILD_NOTES = {
+# What each note means, said once in the start-up log and in `data preview` with the number of
+# records (or samples) it concerns and the first of them; rendering (render.py) notes a record
+# once per kind, the build adds its own.
+NOTES = {
+    "split": "records became several samples (data.multi_turn={multi_turn}: with auto, because "
+    "the template writes an earlier turn differently once the conversation goes on)",
+    "prompt_tail": "records trained without the end of the generation prompt: the template "
+    "never writes it into a conversation",
+    "eos_appended": "records whose last trained turn got the tokenizer's eos token appended and "
+    "trained: the template writes no end-of-turn marker",
+    "no_end_marker": "records with an assistant turn that has no end-of-turn marker trained: the "
+    "template writes none and another turn follows (data.multi_turn=split ends each turn with "
+    "the eos token)",
+    "system_dropped": "records whose system message is not in the template's rendering (it drops "
+    "or replaces it)",
+    "message_dropped": "records with a user or tool message the template's rendering leaves out",
+    "tools_dropped": "records whose tool definitions are not in the template's rendering (it does "
+    "not read `tools`)",
+    "reasoning_dropped": "records whose reasoning was removed (data.reasoning=drop)",
+    "system_moved": "records trained with the system prompt inside the last user turn, where this "
+    "template writes it when the model is prompted (a finished conversation has none)",
+    "trailing": "records ending with messages after the last trained turn: they train nothing and "
+    "are left out of the samples",
+    "unprobed": "records rendered with a template that refused lockstep's probe conversation (a "
+    "user turn and an answer), so an end-of-conversation token or a generation-prompt tail is "
+    "not known to it (trained as written)",
+    "dated": "records rendered with today's date (the template calls strftime_now): the "
+    "samples depend on the day they are tokenised; the data cache keeps them for resumes",
     "no_target": "samples dropped: truncation to data.max_length left no trained token",
     "chunked": "extra samples from text documents longer than data.max_length, cut into "
     "consecutive chunks (every token trained once)",
@@ -36,7 +62,8 @@ BUILD_NOTES = {
     "data.template=plain (it ends turns with the tokenizer's eos), or give data.chat_template a "
     "template written with this tokenizer's special tokens",
 }
-BUILD_WARNINGS = {"no_target", "split_markers"}
+WARNINGS = {"prompt_tail", "eos_appended", "no_end_marker", "system_dropped", "message_dropped",
+            "tools_dropped", "unprobed", "no_target", "split_markers"}  # fmt: skip
 
 
 @dataclass
@@ -288,12 +315,11 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
 def describe(stats: dict[str, Any], cfg: DataConfig) -> list[tuple[bool, str]]:
     """(is a warning, line) for each note of a build and each dataset's unread fields."""
     lines = []
-    texts = {**NOTES, **BUILD_NOTES}
     for kind, n in stats.get("notes", {}).items():
-        text = texts[kind].format(multi_turn=cfg.multi_turn, template=cfg.template)
+        text = NOTES[kind].format(multi_turn=cfg.multi_turn, template=cfg.template)
         where = "; first: " + n["first"] if n["first"] else ""
         detail = f" ({n['detail']})" if n["detail"] else ""
-        lines.append((kind in WARNINGS | BUILD_WARNINGS, f"{n['count']} {text}{where}{detail}"))
+        lines.append((kind in WARNINGS, f"{n['count']} {text}{where}{detail}"))
     for k, counts in stats.get("unused", {}).items():
         if counts:
             path = cfg.train[int(k)].path if int(k) < len(cfg.train) else f"dataset {k}"

@@ -18,6 +18,7 @@ never needs rewriting to be used.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,26 +188,18 @@ def alpaca(f: Fields) -> Conversation:
 def sharegpt(f: Fields) -> Conversation:
     """`conversations: [{from, value}]`: human/gpt/system turns, function_call turns (a JSON call
     or list of calls) and observation turns (their results); optional system and tools."""
-    name = f.name("conversations")
-    turns = _turn_list(f, "conversations", "{from, value}")
-    role_key, text_key = f.name("from"), f.name("value")
+    name, role_key, text_key = f.name("conversations"), f.name("from"), f.name("value")
     messages: list[Message] = []
     system = f.text("system", required=False)
     if system:
         messages.append({"role": "system", "content": system})
     untrained: set[int] = set()
     extra: set[str] = set()
-    for i, t in enumerate(turns):
-        where = f"{f.where}: {name}[{i}]"
-        if not isinstance(t, dict) or t.get(role_key) not in SHAREGPT_ROLES:
-            raise DataError(
-                f"{where} must be {{{role_key}, {text_key}}} with {role_key} in "
-                f"{sorted(SHAREGPT_ROLES)}, got {_short(t)}"
-            )
+    for where, t, role in _each_turn(f, "conversations", role_key, text_key, SHAREGPT_ROLES):
         value = t.get(text_key)
         if not isinstance(value, str):
             raise DataError(f"{where}: {text_key!r} must be a string, got {_short(value)}")
-        speaker, role = t[role_key], SHAREGPT_ROLES[t[role_key]]
+        speaker = t[role_key]
         if role == "system" and system:
             raise DataError(
                 f"{where}: a system turn and a {f.name('system')!r} field: give the system "
@@ -231,20 +224,11 @@ def messages(f: Fields) -> Conversation:
     `tool_calls` (content may then be null); tool messages `tool_call_id` and `name`. A message's
     `loss_weight` (or `weight`) of 0 leaves that assistant turn untrained.
     """
-    name = f.name("messages")
-    turns = _turn_list(f, "messages", "{role, content}")
-    role_key, text_key = f.name("role"), f.name("content")
+    name, role_key, text_key = f.name("messages"), f.name("role"), f.name("content")
     out: list[Message] = []
     untrained: set[int] = set()
     extra: set[str] = set()
-    for i, t in enumerate(turns):
-        where = f"{f.where}: {name}[{i}]"
-        if not isinstance(t, dict) or t.get(role_key) not in ROLES:
-            raise DataError(
-                f"{where} must be {{{role_key}, {text_key}}} with {role_key} in "
-                f"{sorted(ROLES)}, got {_short(t)}"
-            )
-        role = ROLES[t[role_key]]
+    for where, t, role in _each_turn(f, "messages", role_key, text_key, ROLES):
         msg: Message = {"role": role}
         value = t.get(text_key)
         if role == "tool" and not isinstance(value, str) and not _is_parts(value):
@@ -335,11 +319,25 @@ def _extra_keys(turn: dict, name: str, known: set[str]) -> set[str]:
     return {f"{name}[].{k}" for k, v in turn.items() if k not in known and v is not None}
 
 
-def _turn_list(f: Fields, key: str, shape: str) -> list:
+def _each_turn(
+    f: Fields, key: str, role_key: str, text_key: str, roles: dict[str, str]
+) -> Iterator[tuple[str, dict, str]]:
+    """(where, turn, lockstep's role) for each turn of the list field `key`; a field that is
+    no list of turns, or a turn with no known role, is an error naming it."""
+    name = f.name(key)
     turns = f.get(key)
     if not isinstance(turns, list) or not turns:
-        raise DataError(f"{f.where}: field {f.name(key)!r} must be a non-empty list of {shape}")
-    return turns
+        raise DataError(
+            f"{f.where}: field {name!r} must be a non-empty list of {{{role_key}, {text_key}}}"
+        )
+    for i, t in enumerate(turns):
+        where = f"{f.where}: {name}[{i}]"
+        if not isinstance(t, dict) or t.get(role_key) not in roles:
+            raise DataError(
+                f"{where} must be {{{role_key}, {text_key}}} with {role_key} in "
+                f"{sorted(roles)}, got {_short(t)}"
+            )
+        yield where, t, roles[t[role_key]]
 
 
 def _content(value: Any, where: str, key: str) -> tuple[str | None, str | None, list]:

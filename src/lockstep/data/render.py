@@ -10,7 +10,8 @@ the text for marker strings, so the mask is exact for the format the model will 
   and the rest is the turn (its reasoning, content, tool calls, end-of-turn marker). Templates
   that never read `add_generation_prompt` (the cue already ends the user turn, as `[/INST]`)
   need nothing special.
-- Measured once per template on probe conversations: text written after the last message only
+- Measured once per template on probe conversations (data/templates.py): text written after
+  the last message only
   (an end-of-conversation eos: never trained), a tail of the generation prompt that no
   conversation holds (`<think>\n`: turns are trained as written, without it, and this is said),
   the message field it reads reasoning from, and the form of a tool call it writes.
@@ -26,13 +27,12 @@ Everything the data holds must reach the trained text or be reported: an assista
 reasoning (unless data.reasoning=drop) and tool calls missing from its turn are errors; a system
 or user message, or the tools, missing from the rendering are counted, as is a turn with no
 end-of-turn marker (the tokenizer's eos is then trained after it where the turn ends its
-sample). Each `Rendered` carries these notes; data/dataset.py counts them.
+sample). Each `Rendered` carries these notes; data/dataset.py counts and describes them.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from lockstep.data.formats import Conversation
+from lockstep.data.templates import Shape, common_prefix, give, measure
 from lockstep.errors import ConfigError, DataError, DatasetError, ModelError, first_line
 
 IGNORE = -100
@@ -53,48 +54,6 @@ _FIX = (
     "; give data.chat_template a template that does (or data.train_on=last if only earlier "
     "turns are affected)"
 )
-_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")  # as transformers detects it
-_READS_REASONING = re.compile(r"(?:\.|\[\s*['\"])(reasoning_content|thinking|reasoning)\b")
-_PROBE = [
-    {"role": "user", "content": "ping"},
-    {"role": "assistant", "content": "pong"},
-    {"role": "user", "content": "again"},
-    {"role": "assistant", "content": "pang"},
-]
-_CALL = {"type": "function", "function": {"name": "probe_fn", "arguments": {"x": 1}}}
-# how a tool-call message without text may be given to a template: tried in this order
-_CALL_FORMS = [(content, args) for args in ("mapping", "json") for content in ("absent", "", None)]
-
-# What each note means, said once in the start-up log and in `data preview` with the number of
-# records it concerns (a record is noted once per kind) and the first of them.
-NOTES = {
-    "split": "records became several samples (data.multi_turn={multi_turn}: with auto, because "
-    "the template writes an earlier turn differently once the conversation goes on)",
-    "prompt_tail": "records trained without the end of the generation prompt: the template "
-    "never writes it into a conversation",
-    "eos_appended": "records whose last trained turn got the tokenizer's eos token appended and "
-    "trained: the template writes no end-of-turn marker",
-    "no_end_marker": "records with an assistant turn that has no end-of-turn marker trained: the "
-    "template writes none and another turn follows (data.multi_turn=split ends each turn with "
-    "the eos token)",
-    "system_dropped": "records whose system message is not in the template's rendering (it drops "
-    "or replaces it)",
-    "message_dropped": "records with a user or tool message the template's rendering leaves out",
-    "tools_dropped": "records whose tool definitions are not in the template's rendering (it does "
-    "not read `tools`)",
-    "reasoning_dropped": "records whose reasoning was removed (data.reasoning=drop)",
-    "system_moved": "records trained with the system prompt inside the last user turn, where this "
-    "template writes it when the model is prompted (a finished conversation has none)",
-    "trailing": "records ending with messages after the last trained turn: they train nothing and "
-    "are left out of the samples",
-    "unprobed": "records rendered with a template that refused lockstep's probe conversation (a "
-    "user turn and an answer), so an end-of-conversation token or a generation-prompt tail is "
-    "not known to it (trained as written)",
-    "dated": "records rendered with today's date (the template calls strftime_now): the "
-    "samples depend on the day they are tokenised; the data cache keeps them for resumes",
-}
-WARNINGS = {"prompt_tail", "eos_appended", "no_end_marker", "system_dropped",
-            "message_dropped", "tools_dropped", "unprobed"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -115,28 +74,7 @@ class Options:
 class Rendered:
     samples: list[tuple[list[int], list[int]]]
     notes: list[tuple[str, str]] = field(default_factory=list)
-    """(kind in NOTES, what happened in this record)."""
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What a template does that the masks depend on, measured once on probe conversations."""
-
-    marked: bool
-    end_suffix: str = ""
-    """Written after the last message only (an end-of-conversation eos): never trained."""
-    prompt_tail: str = ""
-    """The end of the generation prompt that the template does not write before a turn."""
-    reasoning_fields: tuple[str, ...] = ()
-    """Message fields the template reads reasoning from (else reasoning goes inline)."""
-    call_content: str | None = "absent"
-    """A tool-call message's empty content as this template needs it: absent, "" or None."""
-    call_arguments: str = "mapping"
-    """Tool-call arguments as a mapping (the standard) or as JSON text (some templates)."""
-    probed: bool = True
-    """False: the template refused the probe conversations, so nothing above was measured."""
-    dated: bool = False
-    """The template writes today's date (strftime_now): samples depend on the day."""
+    """(a kind of dataset.NOTES, what happened in this record)."""
 
 
 @dataclass(frozen=True)
@@ -177,66 +115,8 @@ class Renderer:
 
     def shape(self, source: str) -> Shape:
         if source not in self._shapes:
-            self._shapes[source] = self._probe(source)
+            self._shapes[source] = measure(self.tok, source, self.opts.template_kwargs)
         return self._shapes[source]
-
-    def _probe(self, source: str) -> Shape:
-        fields = tuple(dict.fromkeys(_READS_REASONING.findall(source)))
-        marked = bool(_GENERATION.search(source))
-        dated = "strftime_now" in source
-        try:
-            one = self._text(source, _PROBE[:2])
-            two = self._text(source, _PROBE)
-            prompt = self._text(source, _PROBE[:1], add_generation_prompt=True)
-        except Exception:  # a template with rules the probe breaks: measure nothing, say so
-            return Shape(marked, reasoning_fields=fields, probed=False, dated=dated)
-        suffix = one[self._token_cut(one, _common(one, two)) :]
-        if not suffix.strip() or "pong" in suffix or not two.endswith(suffix):
-            suffix = ""
-        tail = ""
-        if not one.startswith(prompt):
-            tail = prompt[self._token_cut(prompt, _common(prompt, one)) :]
-            if "pong" in tail or "ping" in tail:
-                tail = ""
-        content, args = self._call_form(source)
-        return Shape(marked, suffix, tail, fields, content, args, dated=dated)
-
-    def _call_form(self, source: str) -> tuple[str | None, str]:
-        """The first form of a tool-call message this template writes the call of; else the
-        first it renders at all (so a record with calls gets "no tool-call format", not a
-        template error about a missing field)."""
-        renders = None
-        for content, args in _CALL_FORMS:
-            call = dict(_CALL, function=dict(_CALL["function"]))
-            if args == "json":
-                call["function"]["arguments"] = '{"x": 1}'
-            message: dict[str, Any] = {"role": "assistant", "tool_calls": [call]}
-            if content != "absent":
-                message["content"] = content
-            try:
-                text = self._text(source, [_PROBE[0], message])
-            except Exception:
-                continue
-            if "probe_fn" in text:
-                return content, args
-            renders = renders or (content, args)
-        return renders or ("absent", "mapping")
-
-    def _text(self, source: str, messages: list, **kw: Any) -> str:
-        return self.tok.apply_chat_template(
-            messages, chat_template=source, tokenize=False, **self.opts.template_kwargs, **kw
-        )
-
-    def _token_cut(self, text: str, at: int) -> int:
-        """`at` moved back to the start of the token of `text` it falls inside (a probe's two
-        renderings may share the first characters of two different marker tokens)."""
-        offsets = self.tok(text, add_special_tokens=False, return_offsets_mapping=True).get(
-            "offset_mapping"
-        )
-        for s, e in offsets or ():
-            if s < at < e:
-                return s
-        return at
 
 
 class _Job:
@@ -249,9 +129,17 @@ class _Job:
         self.source = renderer.template(conv.tools)
         self.shape = renderer.shape(self.source)
         self.notes: list[tuple[str, str]] = []
-        self.reasoning: dict[int, str] = {}
+        self.reasoning: dict[int, str] = {}  # what of each assistant turn must be trained
         self.answer: dict[int, str] = {}
-        self.messages = [self._prepare(i, m) for i, m in enumerate(conv.messages)]
+        self.messages: list[dict[str, Any]] = []
+        for i, m in enumerate(conv.messages):
+            if m["role"] == "assistant":
+                given = give(m, self.shape, self.opts.reasoning == "drop",
+                             f"{where}: assistant message {i + 1}")  # fmt: skip
+                m, self.answer[i], self.reasoning[i] = given.message, given.answer, given.reasoning
+                if given.dropped:
+                    self._note("reasoning_dropped", f"assistant message {i + 1}")
+            self.messages.append(m)
         turns = [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
         self.trained = [i for i in turns if i not in conv.untrained]
         if self.opts.train_on == "last":
@@ -343,7 +231,7 @@ class _Job:
             return self._turns[i]
         self._check_calls(i, written)
         prompt = self._render(i, True)
-        at = _common(prompt, written)
+        at = common_prefix(prompt, written)
         raise DataError(
             f"{self.where}: assistant message {i + 1}: the chat template's generation prompt "
             f"ends {_excerpt(prompt, at)}, but it writes this turn as {_excerpt(written, at)}, "
@@ -440,7 +328,7 @@ class _Job:
         it stops agreeing with `text` to where the next one's does."""
         if len(turns) == 1:
             return {turns[0]: (0, len(text))}
-        starts = [_common(self.upto(i - 1), text) if i else 0 for i in turns] + [len(text)]
+        starts = [common_prefix(self.upto(i - 1), text) if i else 0 for i in turns] + [len(text)]
         return {i: (starts[k], starts[k + 1]) for k, i in enumerate(turns)}
 
     # ------------------------------------------------------------------ checks and notes
@@ -512,7 +400,7 @@ class _Job:
 
     def _refuse_whole(self, i: int, text: str) -> None:
         turn = self.turn(i).sample
-        at = _common(turn, text)
+        at = common_prefix(turn, text)
         raise DataError(
             f"{self.where}: assistant message {i + 1} is written {_excerpt(turn, at)} when it is "
             f"generated but {_excerpt(text, at)} once the conversation goes on (the template "
@@ -526,51 +414,6 @@ class _Job:
             self.notes.append((kind, detail))
 
     # ------------------------------------------------------------------ messages and rendering
-
-    def _prepare(self, i: int, m: dict[str, Any]) -> dict[str, Any]:
-        """An assistant message as this template wants it: reasoning in the field it reads, or
-        inline <think> text in the content (removed with data.reasoning=drop); tool calls in
-        the form it writes them."""
-        if m["role"] != "assistant":
-            return m
-        m = dict(m)
-        content = m.get("content")
-        field_reasoning = m.pop("reasoning_content", None)
-        inline = _split_reasoning(content) if content else None
-        if inline and field_reasoning is not None:
-            raise DataError(
-                f"{self.where}: assistant message {i + 1} has reasoning twice (a "
-                f"reasoning_content field and <think> in its content); keep one"
-            )
-        reasoning, answer = inline or (field_reasoning, content)
-        self.answer[i] = answer or ""
-        if reasoning is not None and reasoning.strip():
-            if self.opts.reasoning == "drop":
-                if not (answer or "").strip() and not m.get("tool_calls"):
-                    raise DataError(
-                        f"{self.where}: assistant message {i + 1} is only reasoning: with "
-                        "data.reasoning=drop nothing of it is left to train"
-                    )
-                self._note("reasoning_dropped", f"assistant message {i + 1}")
-                m = _with_content(m, answer.lstrip() if inline and answer else answer)
-            elif self.shape.reasoning_fields:
-                self.reasoning[i] = reasoning
-                m = _with_content(m, answer.lstrip("\n") if answer else answer)
-                for name in self.shape.reasoning_fields:
-                    m[name] = reasoning
-            elif not inline:  # the data's own inline text stays as written
-                self.reasoning[i] = reasoning
-                m = _with_content(m, f"<think>\n{reasoning.strip()}\n</think>\n\n{answer or ''}")
-            else:
-                self.reasoning[i] = reasoning
-        if m.get("tool_calls"):
-            if not m.get("content"):
-                m.pop("content", None)
-                if self.shape.call_content != "absent":
-                    m["content"] = self.shape.call_content
-            if self.shape.call_arguments == "json":
-                m["tool_calls"] = [_json_arguments(c) for c in m["tool_calls"]]
-        return m
 
     def upto(self, i: int) -> str:
         """The conversation up to and including message i (i = -1: nothing), as text."""
@@ -620,24 +463,6 @@ class _Job:
         return list(out["input_ids"]), out["offset_mapping"]
 
 
-def _split_reasoning(content: str) -> tuple[str, str] | None:
-    """(reasoning, answer) of content written `<think>...</think>answer`, else None."""
-    body = content.lstrip()
-    if not body.startswith("<think>") or "</think>" not in body:
-        return None
-    reasoning, answer = body[len("<think>") :].split("</think>", 1)
-    return reasoning, answer
-
-
-def _with_content(m: dict[str, Any], content: str | None) -> dict[str, Any]:
-    m = dict(m)
-    if content:
-        m["content"] = content
-    else:
-        m.pop("content", None)
-    return m
-
-
 def _marked_text(text: str, offsets: list, mask: list, region: tuple[int, int]) -> str:
     """The text of the marked tokens inside `region`, run by run (spaces inside a run kept)."""
     runs: list[list[int]] = []
@@ -650,28 +475,6 @@ def _marked_text(text: str, offsets: list, mask: list, region: tuple[int, int]) 
         else:
             runs.append([a, b])
     return "\n".join(text[a:b] for a, b in runs)
-
-
-def _json_arguments(call: dict[str, Any]) -> dict[str, Any]:
-    fn = call["function"]
-    args = fn["arguments"]
-    text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return {**call, "function": {**fn, "arguments": text}}
-
-
-def _common(a: str, b: str) -> int:
-    """Length of the common prefix of a and b."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # binary search: the texts are long and share most of their start
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _excerpt(text: str, at: int, width: int = 30) -> str:
