@@ -215,3 +215,15 @@ def test_loader_raises_only_config_error_on_raw_text(tmp_path, text):
         config.load(p)
     except ConfigError as e:
         assert str(e)
+
+
+def test_qlora_with_fsdp_is_refused_before_any_work():
+    raw = {
+        **BASE,
+        "finetune": {"method": "lora", "lora": {"quantize": "4bit"}},
+        "train": {"strategy": "fsdp"},
+    }
+    with pytest.raises(ConfigError, match=r"QLoRA\) with train.strategy=fsdp.*strategy=ddp"):
+        config.validate(raw)
+    raw["train"]["strategy"] = "ddp"
+    assert config.validate(raw).finetune.lora.quantize == "4bit"

@@ -106,3 +106,31 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path):
     assert res.returncode == 1
     assert "finetune.lora.quantize=4bit (QLoRA) needs a CUDA GPU" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("finetune", "trains"),
+    [
+        ({"method": "lora", "lora": {"r": 4}}, "lora_"),
+        ({"method": "freeze", "freeze": {"trainable_layers": 1}}, "layers.{last}."),
+    ],
+)
+def test_mixed_precision_holds_frozen_weights_in_bfloat16(tmp_path, base, finetune, trains):
+    """model.dtype=bfloat16 with float32 master weights: only what trains is float32; the
+    frozen rest is held in bfloat16 (half its memory), and the run trains."""
+    from lockstep import config
+    from lockstep.dist import Dist
+    from lockstep.training.loop import build_model
+
+    cfg = config.load(small_config(tmp_path, model={"path": str(base), "dtype": "bfloat16"},
+                                   finetune=finetune))  # fmt: skip
+    model = build_model(cfg, seed=1, d=Dist(), shared_rows=False)
+    trains = trains.format(last=model.config.num_hidden_layers - 1)
+    for name, p in model.named_parameters():
+        expected = torch.float32 if p.requires_grad else torch.bfloat16
+        assert p.dtype == expected, name
+        assert p.requires_grad == (trains in name), name
+    res = run_cli("train", str(tmp_path / "cfg.yaml"), "train.max_steps=2")
+    assert res.returncode == 0, res.stderr
+    saved = load_file(tmp_path / "out" / "checkpoints" / "step-00000002" / "model.safetensors")
+    assert saved and {t.dtype for t in saved.values()} == {torch.float32}

@@ -93,6 +93,38 @@ def test_chunked_gradients_equal_autograd_of_the_plain_loss():
     torch.testing.assert_close(g_w, w.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_weight_gradient_allocates_no_weight_sized_tensor_per_chunk(dtype):
+    """The LM head's gradient is accumulated in place: the number of [vocab, hidden] tensors
+    created does not grow with the number of chunks (it was two per chunk under bf16)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab, hidden, chunks = 512, 16, 12
+
+    class CountWeightSized(TorchDispatchMode):
+        created = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if not isinstance(out, torch.Tensor) or out.numel() != vocab * hidden:
+                return out
+            inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
+            memory = out.untyped_storage().data_ptr()
+            if all(a.untyped_storage().data_ptr() != memory for a in inputs):  # not a view
+                CountWeightSized.created += 1
+            return out
+
+    torch.manual_seed(0)
+    h = torch.randn(chunks * 8, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    y = torch.randint(0, vocab, (chunks * 8,))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32), CountWeightSized():
+        loss = chunked_cross_entropy(h, w, y, 8)
+    assert CountWeightSized.created <= 3, CountWeightSized.created
+    loss.backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+
+
 def test_chunked_loss_under_bfloat16_autocast_is_close_to_plain():
     model = load_model(ModelConfig(), init_seed=3)
     batch = random_batch(1)
@@ -198,8 +230,64 @@ def test_compiled_blocks_match_the_eager_path(tmp_path, baseline):
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in baseline], rel=1e-4)
 
 
-def test_float16_with_float32_master_weights_is_refused(tmp_path):
+@pytest.mark.parametrize("master", ["float32", "same"])
+def test_float16_training_is_refused_mixed_and_pure(tmp_path, master):
+    """Mixed float16 needs loss scaling; pure float16 zeroes AdamW's second moment."""
     cfg = small_config(tmp_path)
-    res = run_cli("train", str(cfg), "model.dtype=float16")
+    res = run_cli("train", str(cfg), "model.dtype=float16", f"model.master_weights={master}")
     assert res.returncode != 0
-    assert "needs loss scaling" in res.stderr and "bfloat16" in res.stderr
+    assert "model.dtype=float16 cannot train" in res.stderr and "bfloat16" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_pure_float16_would_lose_adams_second_moment():
+    """Why the refusal above: a realistic gradient squared underflows to 0 in float16."""
+    grad = torch.tensor(1e-4, dtype=torch.float16)
+    assert float(grad * grad) == 0.0
+    assert float(grad.to(torch.bfloat16) ** 2) > 0.0
+
+
+def test_host_reads_per_step_do_not_grow_with_accumulation(tmp_path):
+    """The loss stays on the device through a step's micro-batches, and target positions are
+    found on the host: lockstep's own code makes no scalar read (`.item()`) nor boolean-mask
+    selection (whose size the host must wait for on a GPU) per micro-batch. (Waits inside
+    transformers, such as its mask building from position ids, are the attention path's.)"""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def called_from_lockstep() -> bool:
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/torch/" not in frame.filename:
+                return "/lockstep/" in frame.filename
+        return False
+
+    from lockstep import config
+    from lockstep.dist import Dist
+    from lockstep.training.loop import run
+
+    class CountWaits(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.waits = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            masked = func is torch.ops.aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+            )
+            waits = masked or func is torch.ops.aten._local_scalar_dense.default
+            if waits and called_from_lockstep():
+                self.waits += 1
+            return func(*args, **(kwargs or {}))
+
+    def waits(micro: int) -> int:
+        folder = tmp_path / f"micro{micro}"
+        folder.mkdir()
+        cfg = config.load(small_config(folder, train={"max_steps": 1},
+                                       batch={"global_size": 8, "micro_size": micro},
+                                       data={"num_workers": 0}))  # fmt: skip
+        with CountWaits() as mode:
+            run(cfg, Dist())
+        return mode.waits
+
+    assert waits(8) == waits(2)  # accumulation 1 and 4: the same number of host waits

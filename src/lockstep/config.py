@@ -44,10 +44,11 @@ class ModelConfig(Section):
     path: str = Field("builtin:tiny", min_length=1)
     """`builtin:tiny`, a local Hugging Face folder, or a hub id."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """The compute dtype of forward and backward."""
+    """The compute dtype of forward and backward (float16 is refused for training: see check)."""
     master_weights: Literal["float32", "same"] = "float32"
-    """With dtype bfloat16/float16: `float32` keeps the weights and optimizer in float32 and
-    runs forward/backward in `dtype` (mixed precision); `same`: weights in `dtype` too (pure)."""
+    """With dtype bfloat16: `float32` keeps the trained weights and optimizer in float32 and
+    runs forward/backward in bfloat16 (mixed precision; frozen weights - a LoRA base, frozen
+    blocks - are held in bfloat16); `same`: every weight in bfloat16 too (pure)."""
     trust_remote_code: bool = False
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = (
         "auto"
@@ -423,10 +424,23 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
             "finetune.method=freeze needs exactly one of finetune.freeze.trainable_layers "
             "(train the last N blocks) or finetune.freeze.trainable_modules (name patterns)"
         )
-    if cfg.model.dtype == "float16" and cfg.model.master_weights == "float32":
+    if cfg.model.dtype == "float16":
         raise ConfigError(
-            "model.dtype=float16 with float32 master weights needs loss scaling, which lockstep "
-            "does not do: use model.dtype=bfloat16, or model.master_weights=same (pure float16)"
+            "model.dtype=float16 cannot train here: mixed float16 needs loss scaling, which "
+            "lockstep does not do, and pure float16 loses AdamW's second moment (squared "
+            "gradients below 6e-8 become 0). Use model.dtype=bfloat16 (GPUs since Ampere), or "
+            "float32 (older GPUs and CPUs); export --dtype float16 still writes float16 weights"
+        )
+    if (
+        cfg.train.strategy == "fsdp"
+        and cfg.finetune.method == "lora"
+        and cfg.finetune.lora.quantize
+    ):
+        raise ConfigError(
+            f"finetune.lora.quantize={cfg.finetune.lora.quantize} (QLoRA) with "
+            "train.strategy=fsdp: quantised weights cannot be sharded by FSDP2 here. Use "
+            "train.strategy=ddp (each GPU holds the quantised base), or LoRA without quantize "
+            "under fsdp"
         )
     g, m = cfg.batch.global_size, cfg.batch.micro_size
     if g % (m * world_size):

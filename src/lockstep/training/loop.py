@@ -23,20 +23,19 @@ from lockstep.data.order import PAD, Order, batch_sha
 from lockstep.dist import (
     Dist,
     agree_seed,
-    all_reduce_sum,
     check_lockstep,
     derive_seed,
     params_checksum,
 )
 from lockstep.errors import TrainingError
 from lockstep.model import adapters
-from lockstep.model.load import load_model, load_tokenizer, resolve
+from lockstep.model.load import DTYPES, load_model, load_tokenizer, resolve
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
 from lockstep.training import checkpoint, parallel, sharded
 from lockstep.training.evaluate import eval_split, evaluate
-from lockstep.training.loss import backward_scale
+from lockstep.training.loss import backward_scale, with_target_index
 from lockstep.training.optim import build_optimizer, build_scheduler
 from lockstep.training.options import RunOptions
 from lockstep.training.preempt import Preempted, StopFlag
@@ -220,11 +219,28 @@ def build_model(cfg: RunConfig, seed: int, d: Dist, shared_rows: bool) -> torch.
     attn = parallel.attn_implementation(cfg, d.device, shared_rows)
     mcfg = cfg.model.model_copy(update={"attn_implementation": attn})
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
-    if not quantize:  # a quantised model is placed on its device as it loads
-        model = model.to(d.device)
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
+    if not quantize:  # a quantised model is placed on its device as it loads
+        hold_frozen_in_compute_dtype(cfg, model)
+        model = model.to(d.device)
     model.train()
     return model
+
+
+def hold_frozen_in_compute_dtype(cfg: RunConfig, model: torch.nn.Module) -> int:
+    """Mixed precision keeps float32 master copies of what trains only: weights that never
+    change (a LoRA base, frozen blocks) are cast to the compute dtype, halving their memory;
+    they are used in that dtype anyway. Returns the number of parameters cast."""
+    if not parallel.mixed(cfg):
+        return 0
+    dtype = DTYPES[cfg.model.dtype]
+    cast = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+                cast += p.numel()
+    return cast
 
 
 def build_samples(cfg: RunConfig, d: Dist, tokenizer) -> Samples:
@@ -247,22 +263,27 @@ def train_step(
     """One optimizer step over this rank's micro-batches; returns loss, grad norm, lr, tokens."""
     global_tokens, global_targets = count(samples, order.global_batch(step))
     scale = backward_scale(d.world_size, global_targets)
-    loss_sum = 0.0
+    # the loss stays on the device until the step ends: one host sync per step, not per micro
+    loss_sum = torch.zeros((), dtype=torch.float64, device=d.device)
     for a in range(order.accumulation):
         ids, batch = next(batches)
         if ids_log:
             ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": ids.tolist()}) + "\n")
-        batch = {k: v.to(d.device, non_blocking=True) for k, v in batch.items()}
+        batch = {k: v.to(d.device, non_blocking=True) for k, v in with_target_index(batch).items()}
         with parallel.gradient_sync(engine, last=a == order.accumulation - 1):
             with parallel.autocast(cfg, d):
                 ce = engine(batch)
             (ce * scale).backward()
         if opts.debug and not math.isfinite(ce.item()):
             raise TrainingError(f"step {step + 1}, micro-batch {a}: non-finite loss {ce.item()}")
-        loss_sum += ce.item()
-    loss = all_reduce_sum([loss_sum], d)[0] / max(global_targets, 1)
+        loss_sum += ce.detach()
+    if d.distributed:
+        tdist.all_reduce(loss_sum)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-    grad_norm = sharded.as_float(torch.nn.utils.clip_grad_norm_(engine.parameters(), clip))
+    norm = torch.nn.utils.clip_grad_norm_(engine.parameters(), clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
+    total, grad_norm = torch.stack([loss_sum, norm.to(loss_sum)]).tolist()  # the step's sync
+    loss = total / max(global_targets, 1)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         raise TrainingError(
             f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from lockstep.data.render import IGNORE
 from lockstep.model.adapters import causal_lm
 
+TARGET_INDEX = "target_index"  # batch key: flat positions of the target tokens
+
 
 class CausalLMLoss(torch.nn.Module):
     """What trains: a causal LM in, the summed cross entropy of a micro-batch out.
@@ -43,7 +45,7 @@ class CausalLMLoss(torch.nn.Module):
         self._causal = [causal]  # a list: not registered twice as a submodule
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", TARGET_INDEX)}
         labels = batch["labels"]
         # use_cache=False also matters for packing: with a cache, transformers skips deriving
         # the block-diagonal mask from restarting position ids (see data/packing.py)
@@ -55,10 +57,24 @@ class CausalLMLoss(torch.nn.Module):
             )  # fmt: skip
         causal = self._causal[0]
         hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        keep = labels != IGNORE
+        if TARGET_INDEX in batch:  # found on the host: no device sync to learn their number
+            at = batch[TARGET_INDEX]
+            hidden = hidden.flatten(0, 1).index_select(0, at)
+            labels = labels.flatten().index_select(0, at)
+        else:
+            keep = labels != IGNORE
+            hidden, labels = hidden[keep], labels[keep]
         return chunked_cross_entropy(
-            hidden[keep], causal.get_output_embeddings().weight, labels[keep], self.chunk
+            hidden, causal.get_output_embeddings().weight, labels, self.chunk
         )
+
+
+def with_target_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch plus the flat positions that have a target, computed where the labels are (the
+    host, before the batch moves to its device): selecting them on the device then needs no
+    boolean mask, whose result size the host would have to wait for."""
+    flat = batch["labels"].flatten()
+    return {**batch, TARGET_INDEX: (flat != IGNORE).nonzero().squeeze(1)}
 
 
 def _plain_head(causal: torch.nn.Module) -> bool:
@@ -102,6 +118,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grads and weight.requires_grad
                 else None
             )
+            # one [vocab, hidden] product buffer for every chunk (none needed in float32)
+            product = (
+                torch.empty_like(weight, dtype=dtype)
+                if grad_w is not None and dtype != torch.float32
+                else None
+            )
             for s in range(0, hidden.size(0), chunk):
                 h, y = hidden[s : s + chunk].to(dtype), labels[s : s + chunk]
                 logits = (h @ w.T).float()
@@ -118,8 +140,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 p = p.to(dtype)
                 if grad_h is not None:
                     grad_h[s : s + chunk] = (p @ w).to(hidden.dtype)
-                if grad_w is not None:
-                    grad_w += (p.T @ h).float()
+                if product is not None:  # accumulated in float32 without a float32 copy
+                    grad_w.add_(torch.mm(p.T, h, out=product))
+                elif grad_w is not None:
+                    grad_w.addmm_(p.T, h)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
