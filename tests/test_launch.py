@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, run_cli, small_config
@@ -212,3 +213,99 @@ def test_debug_rank_without_debugpy_is_a_clear_error(tmp_path, alpaca_file):
         assert res.returncode == 1 and "pip install 'lockstep[debug]'" in res.stderr
     else:
         pytest.skip("debugpy is installed here; the missing-debugpy message cannot be shown")
+
+
+# ---------------------------------------------------------------- runs that end badly
+
+
+def test_first_failure_names_the_cause_not_its_consequences():
+    from lockstep.launch import first_failure
+
+    peer_gone = {"rank": 0, "time": 5.0, "error": "Connection closed by peer", "comm": True}
+    killed = {"1": {"exitcode": -9, "signal": "SIGKILL", "time": 9.0}}
+    line = first_failure([peer_gone], killed, [0, 1])
+    assert line.startswith("rank 1 was killed by SIGKILL (out of memory?")
+    timed_out = {"rank": 0, "time": 5.0, "error": "Timed out waiting 10000ms", "comm": True}
+    assert first_failure([timed_out], {"0": {"exitcode": 1, "signal": None, "time": 6}}, [0, 1])
+    assert first_failure([timed_out], {}, [0, 1]).startswith("rank 1 stopped responding")
+    stopped_late = {"1": {"exitcode": -9, "signal": "SIGKILL", "time": 40.0}}  # by torchrun
+    assert first_failure([timed_out], stopped_late, [0, 1]).startswith("rank 1 stopped responding")
+    real = {"rank": 1, "time": 3.0, "error": "data.train.0: bad record"}
+    assert (
+        first_failure([timed_out, real], {}, [0, 1])
+        == "rank 1 failed first: data.train.0: bad record"
+    )
+    assert first_failure([], {"1": {"exitcode": 2, "signal": None, "time": 1}}, [0, 1]).startswith(
+        "rank 1 exited with status 2"
+    )
+    assert first_failure([], {}, [0, 1]) is None
+
+
+def _start_two_process_run(tmp_path, alpaca_file, **launch):
+    """A 2-process run long enough to be caught mid-training, in a process group of its own."""
+    cfg = small_config(tmp_path, alpaca_file, train={"max_steps": 100000},
+                       launch={"timeout_s": 20, **launch})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lockstep", "train", str(cfg), "--nproc-per-node", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True,
+    )  # fmt: skip
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.2)
+    return cfg, proc
+
+
+def _workers(cfg) -> dict[int, int]:
+    """{rank: pid} of the training workers of this config."""
+    found = {}
+    ps = subprocess.run(["pgrep", "-f", f"lockstep.train {cfg}"], capture_output=True, text=True)
+    for pid in map(int, ps.stdout.split()):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks = [e[5:] for e in env if e.startswith(b"RANK=")]
+        if ranks:
+            found[int(ranks[0])] = pid
+    return found
+
+
+@pytest.mark.slow
+def test_killing_the_launchers_process_group_leaves_no_worker(tmp_path, alpaca_file):
+    """A closed terminal or a scheduler's kill -9 of the group: the workers die with it."""
+    import os
+    import signal
+
+    cfg, proc = _start_two_process_run(tmp_path, alpaca_file)
+    assert len(_workers(cfg)) == 2
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    deadline = time.monotonic() + 5
+    while _workers(cfg) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _workers(cfg) == {}, "a worker outlived its launcher"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sig", "expected"),
+    [("SIGKILL", "rank 1 was killed by SIGKILL (out of memory?"),
+     ("SIGSTOP", "rank 1 stopped responding")],
+)  # fmt: skip
+def test_a_killed_or_stopped_rank_is_named(tmp_path, alpaca_file, sig, expected):
+    import os
+    import signal
+
+    cfg, proc = _start_two_process_run(tmp_path, alpaca_file)
+    os.kill(_workers(cfg)[1], getattr(signal, sig))
+    try:
+        _, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    last = [line for line in err.splitlines() if line.startswith("lockstep: error")][-1]
+    assert expected in last, err[-3000:]

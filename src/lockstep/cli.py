@@ -42,12 +42,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if one_process:
         return train.run(args, via_lockstep=True)
-    return _run_torchrun(launch.torchrun_argv(plan, child), plan.describe())
+    argv = launch.torchrun_argv(plan, child, launcher_module="lockstep.torchrun")
+    first = plan.node_rank * plan.nproc_per_node
+    return _run_torchrun(argv, plan.describe(), list(range(first, first + plan.nproc_per_node)))
 
 
-def _run_torchrun(argv: list[str], describe: str) -> int:
+def _run_torchrun(argv: list[str], describe: str, ranks: list[int]) -> int:
     """Start torchrun, pass signals on, and return its exit status (naming the first failure)."""
-    from lockstep.train import FAILURE_DIR_ENV
+    from lockstep.launch import FAILURE_DIR_ENV, LAUNCHER_RECORD, first_failure
 
     print(f"[lockstep] {describe}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="lockstep-failures-") as failures:
@@ -60,12 +62,13 @@ def _run_torchrun(argv: list[str], describe: str) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
         records = [json.loads(p.read_text()) for p in Path(failures).glob("rank-*.json")]
-    failed = sorted((r for r in records if "preempted" not in r), key=lambda r: r["time"])
-    if code != 0 and not failed and records:  # every rank stopped on a signal, and said so
-        return records[0]["preempted"]
+        launcher_file = Path(failures, LAUNCHER_RECORD)
+        launcher = json.loads(launcher_file.read_text()) if launcher_file.is_file() else {}
+    preempted = [r for r in records if "preempted" in r]
+    if code != 0 and preempted and len(preempted) == len(records) and not launcher:
+        return preempted[0]["preempted"]  # every rank stopped on a signal, and said so
     if code != 0:
-        first = failed[0] if failed else None
-        what = f"rank {first['rank']} failed first: {first['error']}" if first else "see above"
+        what = first_failure(records, launcher, ranks) or "see above"
         report(TrainingError(f"training failed (exit status {code}); {what}"))
     return code if code >= 0 else 128 - code
 

@@ -25,6 +25,9 @@ ENV_VARS = {
     "master_port": "MASTER_PORT",
 }
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+FAILURE_DIR_ENV = "LOCKSTEP_FAILURE_DIR"  # set by `lockstep train` for the processes it starts
+LAUNCHER_RECORD = "launcher.json"  # torchrun's record of how its workers ended (lockstep.torchrun)
+PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal this process gets when its parent dies
 
 
 @dataclass(frozen=True)
@@ -113,15 +116,16 @@ def _source(key: str, flags: Mapping[str, object | None], env: Mapping[str, str]
     return f"from launch.{key}"
 
 
-def torchrun_argv(p: WorldPlan, train_args: list[str]) -> list[str]:
-    """The torchrun command as an argument list: nothing is ever joined and re-split."""
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        str(p.nproc_per_node),
-    ]
+def torchrun_argv(
+    p: WorldPlan, train_args: list[str], launcher_module: str = "torch.distributed.run"
+) -> list[str]:
+    """The torchrun command as an argument list: nothing is ever joined and re-split.
+
+    `launcher_module`: `lockstep train` starts torchrun through lockstep.torchrun (the same
+    launcher, which dies with its parent and records how workers ended); --dry-run shows the
+    plain torchrun command a user can run by hand.
+    """
+    argv = [sys.executable, "-m", launcher_module, "--nproc-per-node", str(p.nproc_per_node)]
     if p.nnodes == 1 and p.master_port is None:
         argv += ["--standalone"]
     else:
@@ -170,3 +174,77 @@ def guard(how: Launcher, gpus: int, debug: bool) -> str | None:
 def debug_requested(flag: bool, env: Mapping[str, str] | None = None) -> bool:
     env = os.environ if env is None else env
     return flag or env.get("LOCKSTEP_DEBUG", "") not in ("", "0")
+
+
+# ---------------------------------------------------------------- processes that die together
+
+
+def die_with_parent(sig: int) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent dies (Linux; elsewhere a
+    no-op returning False). torchrun starts workers in sessions of their own, so a signal to
+    the launcher's process group (a closed terminal, a scheduler's kill) never reaches them:
+    without this, workers of a killed launcher train on with nobody attached."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+# ---------------------------------------------------------------- which rank failed, and how
+
+LAUNCHER_SLACK_S = 5.0  # torchrun notices a dead worker within its polling interval (0.1 s)
+SIGNAL_HINTS = {
+    "SIGKILL": " (out of memory? the kernel's OOM killer sends SIGKILL; see `dmesg`)",
+    "SIGSEGV": " (a crash in native code)",
+    "SIGABRT": " (aborted by native code)",
+    "SIGBUS": " (a memory access error: full /dev/shm?)",
+}
+
+
+def first_failure(records: list[dict], launcher: dict[str, dict], ranks: list[int]) -> str | None:
+    """The one line that says which rank failed first and how, or None if nothing is known.
+
+    `records`: what failing ranks wrote themselves (train.py: rank, time, error, and `comm`
+    for an error of the communication between ranks); `launcher`: torchrun's record of how its
+    workers ended ({rank: exitcode, signal, time}), those it stopped itself included; `ranks`:
+    the ranks this node ran.
+
+    A rank killed by a signal writes nothing. If it died before the first written error (within
+    the launcher's polling slack), it is the cause and the others' errors (a peer gone) are
+    consequences. A rank that wrote nothing and ended only when the launcher stopped it, long
+    after the others failed talking to it, had stopped responding.
+    """
+    wrote = {r["rank"] for r in records}
+    first_written = min((r["time"] for r in records), default=float("inf"))
+    ended = {int(rank): v for rank, v in launcher.items() if int(rank) not in wrote}
+    killed = sorted(
+        (v["time"], rank, v["signal"])
+        for rank, v in ended.items()
+        if v.get("signal") and v["time"] <= first_written + LAUNCHER_SLACK_S
+    )
+    if killed:
+        _, rank, name = killed[0]
+        return f"rank {rank} was killed by {name}{SIGNAL_HINTS.get(name, '')}"
+    failed = sorted((r for r in records if "preempted" not in r), key=lambda r: r["time"])
+    silent = [r for r in ranks if r not in wrote and (r not in ended or ended[r].get("signal"))]
+    if failed and silent and all(r.get("comm") for r in failed):
+        who = ", ".join(map(str, silent))
+        return (
+            f"rank {who} stopped responding (hung, or stopped: the other ranks gave up waiting "
+            f"for it after launch.timeout_s); first error: rank {failed[0]['rank']}: "
+            f"{failed[0]['error']}"
+        )
+    if failed:
+        return f"rank {failed[0]['rank']} failed first: {failed[0]['error']}"
+    exited = sorted((v["time"], rank, v["exitcode"]) for rank, v in ended.items())
+    if exited:
+        _, rank, code = exited[0]
+        return f"rank {rank} exited with status {code} without saying why (see its output above)"
+    return None

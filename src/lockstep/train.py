@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,13 +24,11 @@ if __name__ == "__main__" and __package__ in (None, ""):
 from lockstep import config as config_mod  # noqa: E402
 from lockstep import dist, launch  # noqa: E402
 from lockstep.data.dataset import check_files  # noqa: E402
-from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
+from lockstep.errors import LaunchError, LockstepError, first_line, report  # noqa: E402
 from lockstep.model import adapters  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
 from lockstep.training.preempt import Preempted  # noqa: E402
-
-FAILURE_DIR_ENV = "LOCKSTEP_FAILURE_DIR"  # set by `lockstep train` for the ranks it starts
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -146,20 +145,35 @@ def _wait_for_debugger(rank: int) -> None:
 
 def _record_failure(err: BaseException) -> None:
     """Tell `lockstep train` which rank failed and why (it names the first one)."""
-    folder = os.environ.get(FAILURE_DIR_ENV)
+    folder = os.environ.get(launch.FAILURE_DIR_ENV)
     if not folder:
         return
     rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "time": time.time(), "error": str(err) or type(err).__name__}
+    record = {"rank": rank, "time": time.time(), "error": first_line(err)}
+    if _between_ranks(err):
+        record["comm"] = True
     if isinstance(err, Preempted):
         record["preempted"] = err.exit_code
     Path(folder, f"rank-{rank}.json").write_text(json.dumps(record))
+
+
+def _between_ranks(err: BaseException) -> bool:
+    """An error of the communication between ranks (a peer gone, a timeout): a consequence of
+    another rank's failure more often than a cause."""
+    import torch.distributed as tdist
+
+    text = str(err).lower()
+    return isinstance(err, tdist.DistError) or any(
+        s in text for s in ("timed out", "timeout", "connection closed", "connection reset")
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lockstep.train", description=__doc__)
     add_run_args(parser)
     args = parse(parser, argv)
+    if all(k in os.environ for k in launch.TORCHRUN_ENV):
+        launch.die_with_parent(signal.SIGKILL)  # a worker never outlives its launcher
     prefix = f"rank {os.environ['RANK']}: " if "RANK" in os.environ else ""
     try:
         return run(args)
