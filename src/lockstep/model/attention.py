@@ -13,9 +13,10 @@ Every kernel lockstep runs keeps them apart:
 `model.attn_implementation: auto` picks flash_attention_2 where samples share rows and it can
 run (a CUDA GPU of compute capability 8.0 or newer, model.dtype bfloat16/float16, flash-attn
 that imports, a model class that supports it); otherwise sdpa, or eager for a model class
-without sdpa (Gemma-2, whose soft-capping sdpa cannot do). It never picks flex_attention (its
-compiled masks are rebuilt for every new row length): choose it explicitly. An explicitly
-requested kernel that cannot run is refused before the model loads.
+without sdpa (Gemma-2, whose soft-capping sdpa cannot do). It never picks flex_attention (not
+measured on GPUs by lockstep's tests): choose it explicitly. An explicitly requested kernel
+that cannot run is refused before the model loads. Before training on shared rows,
+`check_isolation` verifies on the model itself that its samples stay apart.
 """
 
 from __future__ import annotations
