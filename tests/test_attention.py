@@ -77,7 +77,7 @@ def test_padding_free_row_carries_every_sample_boundary():
 # ---- what auto picks, and what is refused -------------------------------------------------
 
 FLASH_OK = attention.Support("LlamaForCausalLM", sdpa=True, flash=True, flex=True)
-NO_SDPA = attention.Support("Gemma2ForCausalLM", sdpa=False, flash=True, flex=True)
+NO_SDPA = attention.Support("Gemma2ForCausalLM", sdpa=False, flash=True, flex=True, softcap=True)
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_explicit_kernel_that_cannot_run_is_refused_in_one_line(gpu, monkeypatch
         (model_cfg(attn_implementation="flash_attention_2", dtype="float32"), CUDA, FLASH_OK,
          "float32"),
         (flash, CPU, FLASH_OK, "CUDA GPU"),
-        (model_cfg(attn_implementation="sdpa"), CUDA, NO_SDPA, "Gemma2ForCausalLM"),
+        (model_cfg(attn_implementation="sdpa"), CUDA, NO_SDPA, "Gemma2ForCausalLM does not"),
     ]  # fmt: skip
     for cfg, device, support, why in cases:
         with pytest.raises(ConfigError) as err:
@@ -175,10 +175,22 @@ def test_padding_free_auto_follows_the_kernel(gpu, monkeypatch, tmp_path):
     assert free(device=CPU, attn_implementation="sdpa")  # short rows on a CPU: still worth it
 
 
-def test_model_support_is_read_from_the_class(tmp_path):
+def test_model_support_is_read_from_the_class(tmp_path, monkeypatch):
+    from transformers import Gemma2ForCausalLM
+
     assert attention.model_support(ModelConfig()) == FLASH_OK
-    gemma = attention.model_support(ModelConfig(path=str(gemma2_folder(tmp_path))))
-    assert gemma == NO_SDPA
+    gemma = ModelConfig(path=str(gemma2_folder(tmp_path)))
+    assert attention.model_support(gemma) == NO_SDPA
+    # transformers 5.17 declares sdpa for Gemma-2, whose sdpa path drops the soft-capping
+    monkeypatch.setattr(Gemma2ForCausalLM, "_supports_sdpa", True)
+    assert attention.model_support(gemma) == NO_SDPA
+
+
+def test_flash_for_a_soft_capping_model_needs_flash_attn_2_6(gpu, monkeypatch, tmp_path):
+    install_flash_attn(monkeypatch, tmp_path, '__version__ = "2.5.9"\n')
+    choice = attention.choose(model_cfg(), CUDA, True, NO_SDPA)
+    assert choice.name == "eager" and "2.6.0" in choice.reason and "soft-caps" in choice.reason
+    assert attention.choose(model_cfg(), CUDA, True, FLASH_OK).name == "flash_attention_2"
 
 
 # ---- samples in a packed batch see only themselves, whatever kernel runs -----------------

@@ -36,18 +36,24 @@ from lockstep.model.load import resolve
 
 FLASH = "flash_attention_2"
 FLASH_MIN_VERSION = (2, 3, 3)  # the oldest flash-attn 2 transformers accepts
+FLASH_SOFTCAP_VERSION = (2, 6, 0)  # the first that soft-caps attention logits (Gemma-2)
 UNKNOWN_CLASS = "the model class is not one transformers ships: its support is unknown"
 CPU_ROW_LIMIT = 1024  # tokens: longer padding-free rows cost more in CPU attention than padding
 
 
 @dataclass(frozen=True)
 class Support:
-    """What a model class declares it can run (None: the class could not be determined)."""
+    """What a model class declares it can run (None: the class could not be determined).
+
+    `softcap`: the model soft-caps its attention logits, which sdpa cannot do (some
+    transformers versions still declare sdpa for such a class and drop the capping).
+    """
 
     name: str | None
     sdpa: bool | None
     flash: bool | None
     flex: bool | None
+    softcap: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,19 +85,23 @@ def model_support(cfg: ModelConfig) -> Support:
         raise ModelError(
             f"model.path {cfg.path!r}: cannot load the model config: {first_line(e)}"
         ) from None
+    text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
+    softcap = getattr(text, "attn_logit_softcapping", None) is not None
     try:
         classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(mcfg)]
     except KeyError:
-        return Support(None, None, None, None)
+        return Support(None, None, None, None, softcap)
     if isinstance(classes, (list, tuple)):
         named = {c.__name__: c for c in classes}
         arch = [a for a in getattr(mcfg, "architectures", None) or [] if a in named]
         classes = named[arch[0]] if arch else classes[0]
+    sdpa = _flag(classes, "_supports_sdpa")
     return Support(
         classes.__name__,
-        _flag(classes, "_supports_sdpa"),
+        False if softcap else sdpa,
         _flag(classes, "_supports_flash_attn") or _flag(classes, "_supports_flash_attn_2"),
         _flag(classes, "_supports_flex_attn"),
+        softcap,
     )
 
 
@@ -102,14 +112,14 @@ def _flag(cls: type, name: str) -> bool | None:
 
 def flash_problem(cfg: ModelConfig, device: torch.device, support: Support) -> str | None:
     """Why flash_attention_2 cannot run this model here (None: it can)."""
-    problem = _flash_device_problem(cfg, device)
+    problem = _flash_device_problem(cfg, device, support.softcap)
     if problem is None and not support.flash:
         known = support.flash is False
         return f"{support.name} does not support it" if known else UNKNOWN_CLASS
     return problem
 
 
-def _flash_device_problem(cfg: ModelConfig, device: torch.device) -> str | None:
+def _flash_device_problem(cfg: ModelConfig, device: torch.device, softcap: bool) -> str | None:
     """Why flash_attention_2 cannot run on this device in this dtype (None: it can)."""
     if device.type != "cuda":
         return f"it needs a CUDA GPU and this run is on {device.type}"
@@ -118,10 +128,16 @@ def _flash_device_problem(cfg: ModelConfig, device: torch.device) -> str | None:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"it needs a GPU of compute capability 8.0 or newer; this one is {major}.{minor}"
-    return _flash_import_problem()
+    return _flash_import_problem(softcap)
 
 
-def _flash_import_problem() -> str | None:
+def no_sdpa(support: Support) -> str:
+    """Why sdpa cannot run this model, in words."""
+    why = " (it soft-caps attention logits)" if support.softcap else ""
+    return f"{support.name} does not support sdpa{why}"
+
+
+def _flash_import_problem(softcap: bool = False) -> str | None:
     """Why the flash_attn package cannot be used (None: it imports and is recent enough)."""
     if find_spec("flash_attn") is None:
         return "the flash-attn package is not installed"
@@ -133,6 +149,8 @@ def _flash_import_problem() -> str | None:
     numbers = tuple(int(p) for p in version.split("+")[0].split(".")[:3] if p.isdigit())
     if numbers < FLASH_MIN_VERSION:
         return f"flash-attn {version} is older than 2.3.3"
+    if softcap and numbers < FLASH_SOFTCAP_VERSION:
+        return f"flash-attn {version} cannot soft-cap attention logits (2.6.0 can)"
     return None
 
 
@@ -156,7 +174,7 @@ def choose(cfg: ModelConfig, device: torch.device, shared_rows: bool, support: S
         return Choice(None, why + f"transformers' default for this model; {rows}")
     if support.sdpa:
         return Choice("sdpa", why + rows)
-    return Choice("eager", why + f"{support.name} does not support sdpa; {rows}")
+    return Choice("eager", why + f"{no_sdpa(support)}; {rows}")
 
 
 def refuse_unrunnable(cfg: ModelConfig, device: torch.device, support: Support) -> None:
@@ -171,8 +189,9 @@ def refuse_unrunnable(cfg: ModelConfig, device: torch.device, support: Support) 
             )
     supported = {"sdpa": support.sdpa, "flex_attention": support.flex}.get(asked)
     if supported is False:
+        problem = no_sdpa(support) if asked == "sdpa" else f"{support.name} does not support it"
         raise ConfigError(
-            f"model.attn_implementation={asked}: {support.name} does not support it. Set "
+            f"model.attn_implementation={asked}: {problem}. Set "
             "model.attn_implementation=auto (lockstep picks one the model supports) or eager"
         )
 
@@ -215,7 +234,7 @@ def varlen_kwargs(position_ids: np.ndarray) -> dict[str, Any]:
             "max_length_q": longest, "max_length_k": longest}  # fmt: skip
 
 
-PROBE = [[9, 7, 4], [20]]  # sample lengths per row: several per row, padding after the last
+PROBE = ((9, 7, 4), (24,))  # sample lengths per row: several in the first, then padding
 LEAK_LIMIT = 1e-3  # of the change a sample's own logits see: beyond float summation noise
 
 
