@@ -288,6 +288,23 @@ def test_boundaries_reach_the_attention_kernel_through_the_loss(chunk):
         engine(collate(samples, np.array([0, 1, 2]), pad_id=3))
 
 
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_eval_loss_with_the_varlen_kernel_is_the_sdpa_eval_loss(padding_free):
+    """evaluate() hands the boundaries on too: eval_loss over packed micro-batches of 3 rows
+    (or padding-free rows) with a kernel that sees only them equals sdpa's."""
+    from lockstep.dist import Dist
+    from lockstep.training.evaluate import evaluate
+
+    rows = [[5, 9, 3], [11, 4], [7], [6, 6], [13]]
+    samples = samples_of(rows) if not padding_free else samples_of([[n] for n in [5, 9, 11, 7]])
+    varlen = kernel_model("lockstep_reference_varlen", reference_varlen_attention)
+    sdpa = load_model(ModelConfig(attn_implementation="sdpa"), init_seed=1)
+    got = evaluate(varlen, samples, Dist(), 3, 3, padding_free, varlen=True)
+    want = evaluate(sdpa, samples, Dist(), 3, 3, padding_free)
+    assert got["eval_tokens"] == want["eval_tokens"] > 0
+    assert got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+
+
 def whole_row_attention(module, query, key, value, attention_mask, **kwargs):
     """Causal attention over each whole row, blind to sample boundaries: what flash-attention
     ran for packed rows of more than one row before lockstep passed the boundaries."""
