@@ -43,7 +43,7 @@ CPU_ROW_LIMIT = 1024  # tokens: longer padding-free rows cost more in CPU attent
 
 @dataclass(frozen=True)
 class Support:
-    """What a model class declares it can run (None: the class could not be determined).
+    """What a model class declares it can run (None: unknown, a class transformers does not ship).
 
     `softcap`: the model soft-caps its attention logits, which sdpa cannot do (some
     transformers versions still declare sdpa for such a class and drop the capping).
@@ -72,7 +72,7 @@ class Choice:
 def model_support(cfg: ModelConfig) -> Support:
     """The attention kernels the model class of `cfg.path` supports, read from its config only.
 
-    A model whose class is not one transformers ships (remote code) is `Support(None, ...)`:
+    A model whose class is not one transformers ships (remote code) has unknown (None) flags:
     transformers then chooses its kernel (sdpa where the class has it, else eager).
     """
     from transformers import AutoConfig
@@ -89,8 +89,9 @@ def model_support(cfg: ModelConfig) -> Support:
     softcap = getattr(text, "attn_logit_softcapping", None) is not None
     try:
         classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(mcfg)]
-    except KeyError:
-        return Support(None, None, None, None, softcap)
+    except KeyError:  # remote code: its flags are known only once loaded
+        name = (getattr(mcfg, "architectures", None) or [type(mcfg).__name__])[0]
+        return Support(name, False if softcap else None, None, None, softcap)
     if isinstance(classes, (list, tuple)):
         named = {c.__name__: c for c in classes}
         arch = [a for a in getattr(mcfg, "architectures", None) or [] if a in named]
@@ -235,7 +236,7 @@ def varlen_kwargs(position_ids: np.ndarray) -> dict[str, Any]:
 
 
 PROBE = ((9, 7, 4), (24,))  # sample lengths per row: several in the first, then padding
-LEAK_LIMIT = 1e-3  # of the change a sample's own logits see: beyond float summation noise
+LEAK_LIMIT = 1e-2  # of the change a sample's own logits see: far above bf16 noise, far below a leak
 
 
 def check_isolation(
