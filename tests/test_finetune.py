@@ -120,11 +120,14 @@ def test_mixed_precision_holds_frozen_weights_in_bfloat16(tmp_path, base, finetu
     frozen rest is held in bfloat16 (half its memory), and the run trains."""
     from lockstep import config
     from lockstep.dist import Dist
+    from lockstep.model import attention
     from lockstep.training.loop import build_model
 
     cfg = config.load(small_config(tmp_path, model={"path": str(base), "dtype": "bfloat16"},
                                    finetune=finetune))  # fmt: skip
-    model = build_model(cfg, seed=1, d=Dist(), shared_rows=False)
+    cpu = torch.device("cpu")
+    attn = attention.choose(cfg.model, cpu, False, attention.model_support(cfg.model))
+    model = build_model(cfg, seed=1, d=Dist(), attn=attn)
     trains = trains.format(last=model.config.num_hidden_layers - 1)
     for name, p in model.named_parameters():
         expected = torch.float32 if p.requires_grad else torch.bfloat16

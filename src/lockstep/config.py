@@ -53,8 +53,12 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = (
         "auto"
     )
-    """`auto`: sdpa; on CUDA with packing or padding-free micro-batches, flash_attention_2 when
-    flash-attn is installed, else flex_attention (neither builds a dense attention mask)."""
+    """`auto`: flash_attention_2 (variable-length, no mask) where samples share rows (packing,
+    padding-free) and it can run: CUDA GPU of compute capability >= 8.0, dtype bfloat16/float16,
+    flash-attn that imports, a model class that supports it. Otherwise sdpa, or eager for a
+    class without sdpa (Gemma-2); rows of several samples then get a dense block-diagonal mask.
+    Never flex_attention (set it explicitly). A set kernel that cannot run is refused; the log
+    says which kernel runs and why (model/attention.py)."""
 
 
 class LoraSettings(Section):
@@ -148,8 +152,10 @@ class DataConfig(Section):
     padding_free: Literal["auto"] | bool = "auto"
     """Concatenate a micro-batch's samples into one row (position ids restart per sample,
     attention stays inside each sample): no compute is spent on padding; the loss is unchanged.
-    `auto`: on CUDA when flash-attn is installed (variable-length attention); on a CPU when a
-    row stays short (micro_size x mean sample length <= 1024 tokens); never with packing."""
+    `auto`: on CUDA where flash_attention_2's variable-length kernel runs (see
+    model.attn_implementation; with sdpa/eager a row would get a dense [T, T] mask); on a CPU
+    when a row stays short (micro_size x mean sample length <= 1024 tokens); never with
+    packing."""
     group_by_length: bool = True
     """Inside each global batch, put samples of similar length into the same micro-batch (less
     padding). The step's set of samples is unchanged, so is the loss; a function of the batch."""

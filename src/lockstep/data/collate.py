@@ -1,4 +1,9 @@
-"""Samples -> padded tensors for one micro-batch. Labels are shifted here, once."""
+"""Samples -> padded tensors for one micro-batch. Labels are shifted here, once.
+
+Rows that hold several samples (packed, padding-free) carry position ids that restart at every
+sample and no attention mask; with `varlen` (flash-attention's variable-length kernel runs,
+model/attention.py) they carry the sample boundaries too (`cu_seq_lens_q/k`, `max_length_q/k`).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +13,24 @@ import torch
 from lockstep.data.dataset import Samples
 from lockstep.data.order import PAD
 from lockstep.data.render import IGNORE
+from lockstep.model.attention import varlen_kwargs
 
 
 def collate(
-    samples: Samples, ids: np.ndarray, pad_id: int, padding_free: bool = False
-) -> dict[str, torch.Tensor]:
+    samples: Samples, ids: np.ndarray, pad_id: int, padding_free: bool = False,
+    varlen: bool = False,
+) -> dict[str, torch.Tensor | int]:  # fmt: skip
     """Right-pad to the longest sample. A PAD slot becomes a one-token row with no targets.
 
     `labels[i, t]` is the target for position t (the token at t+1), IGNORE where nothing is
     trained, so the loss is a plain sum over positions with no shifting inside the model.
+    `varlen`: rows holding several samples also carry their boundaries (see the module).
     """
-    if padding_free:
-        return _collate_padding_free(samples, ids)
-    if samples.position_ids is not None:
-        return _collate_packed(samples, ids, pad_id)
+    if padding_free or samples.position_ids is not None:
+        batch = (_collate_padding_free if padding_free else _collate_packed)(samples, ids, pad_id)
+        if varlen:
+            batch.update(varlen_kwargs(batch["position_ids"].numpy()))
+        return batch
     rows = [(samples.input_ids[i], samples.labels[i]) if i != PAD else None for i in ids]
     width = max((len(r[0]) for r in rows if r is not None), default=1)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
@@ -67,7 +76,9 @@ def _collate_packed(samples: Samples, ids: np.ndarray, pad_id: int) -> dict[str,
     }
 
 
-def _collate_padding_free(samples: Samples, ids: np.ndarray) -> dict[str, torch.Tensor]:
+def _collate_padding_free(
+    samples: Samples, ids: np.ndarray, pad_id: int
+) -> dict[str, torch.Tensor]:
     """All samples of the micro-batch in one row, position ids restarting at each sample.
 
     As with packing (data/packing.py), the restarting position ids keep attention inside each
@@ -77,7 +88,8 @@ def _collate_padding_free(samples: Samples, ids: np.ndarray) -> dict[str, torch.
     real = [i for i in ids if i != PAD]
     if not real:
         zero = torch.zeros((1, 1), dtype=torch.int64)
-        return {"input_ids": zero, "labels": torch.full_like(zero, IGNORE), "position_ids": zero}
+        return {"input_ids": torch.full_like(zero, pad_id), "labels": torch.full_like(zero, IGNORE),
+                "position_ids": zero}  # fmt: skip
     toks = [samples.input_ids[i] for i in real]
     labels = []
     for i, t in zip(real, toks, strict=True):

@@ -20,27 +20,29 @@ from lockstep.data.order import Order
 class StepMicroBatches(Dataset):
     def __init__(
         self, samples: Samples, order: Order, rank: int, start_step: int, steps: int,
-        pad_id: int, padding_free: bool,
+        pad_id: int, padding_free: bool, varlen: bool = False,
     ):  # fmt: skip
         self.samples, self.order, self.rank = samples, order, rank
         self.start_step, self.steps = start_step, steps
-        self.pad_id, self.padding_free = pad_id, padding_free
+        self.pad_id, self.padding_free, self.varlen = pad_id, padding_free, varlen
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.order.accumulation
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    def __getitem__(self, k: int) -> tuple[np.ndarray, dict[str, torch.Tensor | int]]:
         step, a = divmod(k, self.order.accumulation)
         ids = self.order.micro_batches(self.start_step + step, self.rank)[a]
-        return ids, collate(self.samples, ids, self.pad_id, self.padding_free)
+        return ids, collate(self.samples, ids, self.pad_id, self.padding_free, self.varlen)
 
 
 def micro_batches(
     samples: Samples, order: Order, rank: int, start_step: int, steps: int, pad_id: int,
-    padding_free: bool, num_workers: int, pin_memory: bool,
-) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:  # fmt: skip
-    """Every micro-batch of this rank from `start_step` to `steps`, in training order."""
-    data = StepMicroBatches(samples, order, rank, start_step, steps, pad_id, padding_free)
+    padding_free: bool, num_workers: int, pin_memory: bool, varlen: bool = False,
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor | int]]]:  # fmt: skip
+    """Every micro-batch of this rank from `start_step` to `steps`, in training order.
+
+    `varlen`: batches carry the sample boundaries of their rows (data/collate.py)."""
+    data = StepMicroBatches(samples, order, rank, start_step, steps, pad_id, padding_free, varlen)
     if num_workers == 0:
         return (data[k] for k in range(len(data)))
     loader = DataLoader(

@@ -2,7 +2,8 @@
 
 Each packed sample keeps its own position ids (restarting at 0), and the model gets no 2-D
 attention mask: transformers then derives a block-diagonal causal mask from the position ids
-(sdpa/eager/flex) or runs variable-length flash attention, so no token sees another sample.
+(sdpa/eager/flex), or flash attention's variable-length kernel runs on the sample boundaries
+the batch carries (model/attention.py), so no token sees another sample.
 A sample's first label is IGNORE, so the last token of one sample never learns to predict the
 first token of the next.
 

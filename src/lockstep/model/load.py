@@ -68,13 +68,17 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> Any:
 def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) -> torch.nn.Module:
     """Load pretrained weights, or initialise a built-in model from `init_seed` (same on all ranks).
 
+    `cfg.attn_implementation` is passed to transformers as it is; `auto` (a caller that did not
+    resolve it with model/attention.choose) lets transformers pick: sdpa where the model class
+    supports it, else eager.
+
     `quantize` ("4bit"/"8bit", QLoRA on CUDA): the weights are loaded quantised by bitsandbytes.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where, fresh = resolve(cfg.path)
     dtype = weights_dtype(cfg)
-    attn = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
     common: dict = {"trust_remote_code": cfg.trust_remote_code}
     if quantize:
         from transformers import BitsAndBytesConfig
@@ -89,11 +93,12 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
     try:
         if fresh:
             mcfg = AutoConfig.from_pretrained(where, **common)
-            mcfg._attn_implementation = attn
             # a private generator stream: initialisation must not consume or depend on global RNG
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(init_seed)
-                model = AutoModelForCausalLM.from_config(mcfg, dtype=dtype, **common)
+                model = AutoModelForCausalLM.from_config(
+                    mcfg, dtype=dtype, attn_implementation=attn, **common
+                )
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 where, dtype=dtype, attn_implementation=attn, **common

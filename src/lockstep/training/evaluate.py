@@ -19,6 +19,7 @@ from lockstep.data.order import DATA_STREAM, PAD
 from lockstep.data.render import IGNORE
 from lockstep.dist import Dist, all_reduce_sum
 from lockstep.errors import ConfigError
+from lockstep.model.attention import to_device
 from lockstep.training.loss import CausalLMLoss
 
 VAL_STREAM = DATA_STREAM + 1
@@ -55,8 +56,10 @@ def eval_split(cfg, samples: Samples, tokenizer, seed: int) -> tuple[Samples, Sa
 def evaluate(
     engine: torch.nn.Module, samples: Samples, d: Dist, micro_size: int, pad_id: int,
     padding_free: bool = False, precision: AbstractContextManager | None = None,
+    varlen: bool = False,
 ) -> dict:  # fmt: skip
     """`engine`: the loss module (a bare language model is wrapped in one); never DDP's wrapper.
+    `padding_free`, `varlen`: the micro-batch layout training uses (data/collate.py).
 
     Every rank runs the same number of micro-batches (a rank with fewer samples runs empty
     ones): with FSDP each forward gathers weights from all ranks.
@@ -72,8 +75,7 @@ def evaluate(
         ids = mine[start : start + micro_size]
         if len(ids) == 0:
             ids = np.array([PAD])
-        batch = collate(samples, ids, pad_id, padding_free)
-        batch = {k: v.to(d.device) for k, v in batch.items()}
+        batch = to_device(collate(samples, ids, pad_id, padding_free, varlen), d.device)
         with precision or nullcontext():
             ce_sum += float(engine(batch))
         targets += int((batch["labels"] != IGNORE).sum())

@@ -28,7 +28,7 @@ from lockstep.dist import (
     params_checksum,
 )
 from lockstep.errors import TrainingError
-from lockstep.model import adapters
+from lockstep.model import adapters, attention
 from lockstep.model.load import DTYPES, load_model, load_tokenizer, resolve
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
@@ -99,8 +99,15 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     lengths = samples.lengths() if cfg.data.group_by_length else None
     order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world, lengths)
     steps = total_steps(cfg, order)
-    free = parallel.padding_free(cfg, d, samples.stats["tokens"] / max(len(samples), 1))
-    model = build_model(cfg, seed, d, shared_rows=free or cfg.data.packing)
+    support = attention.model_support(cfg.model)
+    mean_length = samples.stats["tokens"] / max(len(samples), 1)
+    free = attention.padding_free(cfg, d.device, mean_length, support)
+    shared_rows = free or cfg.data.packing
+    attn = attention.choose(cfg.model, d.device, shared_rows, support)
+    model = build_model(cfg, seed, d, attn)
+    if shared_rows:
+        dtype = DTYPES[cfg.model.dtype] if parallel.mixed(cfg) else None
+        attention.check_isolation(model, attn, d.device, dtype)
     engine = parallel.prepare(cfg, d, model)  # FSDP shards the model's parameters in place
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
@@ -120,11 +127,13 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     if not rng_restored:  # a new run, or a rank the checkpoint's world did not have
         seed_rank_rngs(seed, rank, start_step)
     _log_plan(cfg, samples, order, steps, world, model, free)
+    checked = "; checked: samples sharing a row do not see each other" if shared_rows else ""
+    log.info(f"attention: {model.config._attn_implementation} ({attn.reason}{checked})")
     check_lockstep(fingerprint_fields(cfg, samples, order, model, start_step), d, "after building")
     engine = parallel.replicate(cfg, d, engine)
     batches = micro_batches(
         samples, order, rank, start_step, steps, tokenizer.pad_token_id, free,
-        0 if opts.debug else cfg.data.num_workers, d.device.type == "cuda",
+        0 if opts.debug else cfg.data.num_workers, d.device.type == "cuda", attn.varlen,
     )  # fmt: skip
 
     saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, tokenizer)
@@ -175,7 +184,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             ):
                 result = evaluate(
                     parallel.unwrap(engine), eval_samples, d, cfg.batch.micro_size,
-                    tokenizer.pad_token_id, free, parallel.autocast(cfg, d),
+                    tokenizer.pad_token_id, free, parallel.autocast(cfg, d), attn.varlen,
                 )  # fmt: skip
                 metrics.write({"step": done, **result})
                 logmod.get().info(f"step {done}: eval_loss {result['eval_loss']:.4f}, "
@@ -209,15 +218,11 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     return out
 
 
-def build_model(cfg: RunConfig, seed: int, d: Dist, shared_rows: bool) -> torch.nn.Module:
-    """The model as it trains: loaded or initialised, adapters applied, on this rank's device.
-
-    `shared_rows`: several samples share a row (packing, padding-free), which picks the
-    attention kernel under model.attn_implementation=auto.
-    """
+def build_model(cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice) -> torch.nn.Module:
+    """The model as it trains: loaded or initialised, adapters applied, on this rank's device,
+    with the attention kernel `attn` (model/attention.choose)."""
     quantize = cfg.finetune.lora.quantize if cfg.finetune.method == "lora" else None
-    attn = parallel.attn_implementation(cfg, d.device, shared_rows)
-    mcfg = cfg.model.model_copy(update={"attn_implementation": attn})
+    mcfg = cfg.model.model_copy(update={"attn_implementation": attn.name or "auto"})
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
     if not quantize:  # a quantised model is placed on its device as it loads
@@ -269,7 +274,7 @@ def train_step(
         ids, batch = next(batches)
         if ids_log:
             ids_log.write(json.dumps({"step": step + 1, "micro": a, "ids": ids.tolist()}) + "\n")
-        batch = {k: v.to(d.device, non_blocking=True) for k, v in with_target_index(batch).items()}
+        batch = attention.to_device(with_target_index(batch), d.device, non_blocking=True)
         with parallel.gradient_sync(engine, last=a == order.accumulation - 1):
             with parallel.autocast(cfg, d):
                 ce = engine(batch)

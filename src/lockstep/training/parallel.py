@@ -16,7 +16,6 @@ Precision (model.dtype, model.master_weights):
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from importlib.util import find_spec
 
 import torch
 
@@ -25,34 +24,6 @@ from lockstep.dist import Dist
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES
 from lockstep.training.loss import CausalLMLoss
-
-CPU_ROW_LIMIT = 1024  # tokens: longer padding-free rows cost more in CPU attention than padding
-
-
-def padding_free(cfg: RunConfig, d: Dist, mean_length: float) -> bool:
-    """data.padding_free, with `auto` resolved for this device and data (see config.py).
-
-    On a CPU, sdpa runs a padding-free row with a block-diagonal mask over the whole row, so its
-    attention cost grows with the square of the row: worth it only while rows stay short.
-    """
-    choice = cfg.data.padding_free
-    if choice != "auto":
-        return choice
-    if cfg.data.packing:  # packed rows are already full
-        return False
-    if d.device.type == "cuda":
-        return find_spec("flash_attn") is not None
-    return cfg.batch.micro_size * mean_length <= CPU_ROW_LIMIT
-
-
-def attn_implementation(cfg: RunConfig, device: torch.device, shared_rows: bool) -> str:
-    """model.attn_implementation=auto: a varlen kernel where samples share a row on a GPU."""
-    chosen = cfg.model.attn_implementation
-    if chosen != "auto":
-        return chosen
-    if device.type == "cuda" and shared_rows and find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
 
 
 def mixed(cfg: RunConfig) -> bool:
