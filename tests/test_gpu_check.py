@@ -155,7 +155,7 @@ def test_isolation_check_passes_on_packed_rows_and_sees_a_leak(tmp_path):
     cfg = config.validate({
         "seed": 0,
         "model": {"path": "builtin:tiny", "dtype": "bfloat16"},
-        "data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 96, "packing": True},
+        "data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 64, "packing": True},
         "batch": {"global_size": 2, "micro_size": 2},
     })  # fmt: skip
     result = isolation.check(cfg, tmp_path / "iso.json")
@@ -228,3 +228,16 @@ def test_prepare_fetches_the_real_wheels(tmp_path):
     bnb = next(w for w in wheels if w.name.startswith("bitsandbytes"))
     names = zipfile.ZipFile(bnb).namelist()
     assert "bitsandbytes/libbitsandbytes_cuda130.so" in names  # torch 2.11 there is CUDA 13.0
+
+
+def test_environment_names_what_does_not_import():
+    log: list[str] = []
+    env = check.environment(log)
+    assert env["pydantic"] and not env["pydantic"].startswith("not ")
+    assert env["lockstep"] == __import__("lockstep").__version__
+    result = check.imports_result({**env, "bitsandbytes": "not importable: ImportError: x"}, 1.0)
+    assert (
+        result.status == "failed" and result.error == "bitsandbytes: not importable: ImportError: x"
+    )
+    fine = {**env, **{name: "1.0" for name in check.NEEDED}}
+    assert check.imports_result(fine, 1.0).status == "ok"

@@ -306,8 +306,10 @@ def build_assets(device: str = "cuda") -> dict:
 
 ENV_SNIPPET = """
 import importlib, json, sys, torch
-out = {"python": sys.version.split()[0], "gpu": torch.cuda.get_device_name(),
-       "cuda": torch.version.cuda, "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+gpu = torch.cuda.is_available()
+out = {"python": sys.version.split()[0], "cuda": torch.version.cuda,
+       "gpu": torch.cuda.get_device_name() if gpu else None,
+       "capability": ".".join(map(str, torch.cuda.get_device_capability())) if gpu else None}
 for name in ("torch", "transformers", "peft", "pydantic", "datasets", "bitsandbytes",
              "flash_attn", "safetensors", "accelerate", "lockstep"):
     try:
@@ -316,6 +318,22 @@ for name in ("torch", "transformers", "peft", "pydantic", "datasets", "bitsandby
         out[name] = f"not importable: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
 print(json.dumps(out))
 """
+
+
+NEEDED = ("torch", "transformers", "peft", "pydantic", "datasets", "bitsandbytes", "lockstep")
+
+
+def imports_result(env: dict, seconds: float) -> Result:
+    """The first case: every package lockstep needs imports (flash-attn is optional)."""
+    result = Result("imports", "the packages lockstep needs import: " + ", ".join(NEEDED),
+                    seconds=round(seconds, 1), details=env)  # fmt: skip
+    broken = [f"{n}: {env.get(n, 'not checked')}" for n in NEEDED
+              if str(env.get(n, "not checked")).startswith("not ")]  # fmt: skip
+    if "error" in env or broken:
+        result.error = env.get("error") or "\n".join(broken)
+    else:
+        result.status = "ok"
+    return result
 
 
 def environment(log: list[str]) -> dict:
@@ -391,16 +409,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_log: list[str] = []
     head: dict = {"budget_s": args.budget_s}
     head["env"] = environment(setup_log)
+    results: list[Result] = [imports_result(head["env"], time.perf_counter() - t0)]
     try:
         head["assets"] = build_assets()
     except Exception as e:
         head["setup_error"] = f"{type(e).__name__}: {e}"
-        write_results(out, head, [], setup_log)
+        write_results(out, head, results, setup_log)
         print(f"check.py: building the model and data failed: {e}", file=sys.stderr)
         return 1
     head["setup_s"] = round(time.perf_counter() - t0, 1)
     budget_end = time.perf_counter() + args.budget_s
-    results: list[Result] = []
     done: dict[str, Result] = {}
     for case in cases:
         left = budget_end - time.perf_counter()

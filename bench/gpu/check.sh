@@ -28,10 +28,12 @@
 #
 # With the device tool (a lent H200, torch 2.11 + transformers 5.17, nothing reachable):
 #   here, once:  bash bench/gpu/check.sh --prepare          (about 46 MB into .whl/)
-#   then run:    command "bash bench/gpu/check.sh", carry [".whl"], timeout_s 570
+#   then run:    command "bash bench/gpu/check.sh", carry [".whl"], timeout_s 540
 #   it returns:  $OUT/summary.json, summary.txt, logs.txt (the tool returns at most 8 files)
-# The check ends its cases by 420 s (--budget-s), so a 570 s limit leaves room for the model
-# build and the start; `--cases packing,compile` reruns only some of them.
+# The cases stop by 420 s (--budget-s); the wheel install, the versions and the model build
+# come before them (8 minutes in all), so 540 s is only a backstop. With the 15 minutes of
+# device time a session has, a failed case can be rerun at once, while the machine is still
+# warm (30 s), with `bash bench/gpu/check.sh --cases NAME,NAME`.
 # Python: $PYTHON when set, else python3 (the GPU image's python3 holds torch).
 set -euo pipefail
 
