@@ -46,16 +46,16 @@ def pins() -> dict[str, str]:
     return out
 
 
-def fake_wheel(folder: Path, name: str, version: str) -> Path:
-    """A minimal pure-Python wheel: module `name` (dashes as underscores) with __version__."""
+def fake_wheel(folder: Path, name: str, version: str, tag: str = "py3-none-any") -> Path:
+    """A minimal wheel: module `name` (dashes as underscores) with __version__."""
     dist = name.replace("-", "_")
-    path = folder / f"{dist}-{version}-py3-none-any.whl"
+    path = folder / f"{dist}-{version}-{tag}.whl"
     info = f"{dist}-{version}.dist-info"
     files = {
         f"{dist}/__init__.py": f"__version__ = {version!r}\n",
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
-        "Tag: py3-none-any\n",
+        f"Tag: {tag}\n",
     }
     record = "".join(f"{f},,\n" for f in files) + f"{info}/RECORD,,\n"
     with zipfile.ZipFile(path, "w") as z:
@@ -80,13 +80,21 @@ def test_prepare_downloads_every_pin_for_the_gpu_python(tmp_path):
     index.mkdir()
     dest.mkdir()
     (dest / "stale-0.1-py3-none-any.whl").write_text("an earlier version")
+    gpu_tag = "cp312-cp312-manylinux_2_17_x86_64"  # CPython 3.12 on Linux x86_64, as there
     for name, version in pins().items():
-        fake_wheel(index, name, version)
+        if name == "pydantic-core":  # compiled: only the GPU machine's build may be taken
+            for tag in (gpu_tag, "cp311-cp311-manylinux_2_17_x86_64", "cp312-cp312-win_amd64",
+                        "cp312-cp312-manylinux_2_17_aarch64"):  # fmt: skip
+                fake_wheel(index, name, version, tag)
+        else:
+            fake_wheel(index, name, version)
         fake_wheel(index, name, version + ".post9")  # a newer one the pin must not take
     r = sh("--prepare", "--wheels", str(dest), "--no-index", "--find-links", str(index))
     assert r.returncode == 0, r.stderr
     got = sorted(p.name for p in dest.glob("*.whl"))
-    want = sorted(f"{n.replace('-', '_')}-{v}-py3-none-any.whl" for n, v in pins().items())
+    tags = {"pydantic-core": gpu_tag}
+    want = sorted(f"{n.replace('-', '_')}-{v}-{tags.get(n, 'py3-none-any')}.whl"
+                  for n, v in pins().items())  # fmt: skip
     assert got == want  # exactly the pins: the stale wheel is gone, no .post9
     for name in want:
         assert name in r.stdout  # the listing names what it fetched
