@@ -83,10 +83,11 @@ CASES = (
     Case("qlora", "QLoRA: 4-bit NF4 base weights (bitsandbytes), LoRA adapters", 75,
          (Run(("finetune.method=lora", "finetune.lora.quantize=4bit"), "run"),)),
     Case("fsdp_lora_resume", "train.strategy=fsdp on one process with LoRA: checkpoint at step "
-         "2, killed at 3, resumed; losses of steps 3-4 = the uninterrupted run's", 120,
+         "2, stopped by an error at 3, resumed; losses of steps 3-4 = the uninterrupted run's", 120,
          _resume_runs("train.strategy=fsdp", "finetune.method=lora"), "resume"),
-    Case("resume_memory", "a (DDP) checkpoint resumed: peak GPU memory of the first step after "
-         "loading the optimizer state vs the same step of a run that did not stop", 90,
+    Case("resume_memory", "a train.strategy=ddp checkpoint resumed: peak GPU memory of the "
+         "first step after loading the optimizer state vs that step in a run that did not stop",
+         90,
          _resume_runs("finetune.method=full"), "resume_memory"),
     Case("grad_ckpt", "train.gradient_checkpointing: lower peak GPU memory than the bf16 case",
          60, (Run(("train.gradient_checkpointing=true",), "run"),), "lower_memory"),
