@@ -249,3 +249,26 @@ def test_environment_names_what_does_not_import():
     )
     fine = {**env, **{name: "1.0" for name in check.NEEDED}}
     assert check.imports_result(fine, 1.0).status == "ok"
+
+
+def test_resume_verdict_compares_losses_and_the_first_resumed_step_memory():
+    def rows(losses_peaks):
+        return [{"step": s, "loss": x, "peak_mem_gib": p} for s, (x, p) in losses_peaks.items()]
+
+    reference = rows({1: (5.0, 2.0), 2: (4.0, 3.0), 3: (3.0, 3.0), 4: (2.5, 3.0)})
+    same = rows({1: (5.0, 2.0), 2: (4.0, 3.0), 3: (3.0, 3.1), 4: (2.5, 3.1)})
+    ok = check.Result("resume_memory", "", "ok")
+    check.resume(ok, reference, same, memory=True)
+    assert ok.status == "ok", ok.error
+    assert ok.details["resumed_steps"] == [3, 4]
+    assert ok.details["resumed_peak_gib_step3"] == 3.1
+    assert ok.details["uninterrupted_peak_gib_step3"] == 3.0
+    assert ok.details["fresh_start_peak_gib_step1"] == 2.0
+
+    heavy = check.Result("resume_memory", "", "ok")  # loading left a second optimizer state
+    check.resume(heavy, reference, rows({3: (3.0, 4.5), 4: (2.5, 4.5)}), memory=True)
+    assert heavy.status == "failed" and "4.50 GiB" in heavy.error and "3.00 GiB" in heavy.error
+
+    drift = check.Result("fsdp_lora_resume", "", "ok")
+    check.resume(drift, reference, rows({3: (3.3, 3.0), 4: (2.5, 3.0)}), memory=False)
+    assert drift.status == "failed" and "differ" in drift.error

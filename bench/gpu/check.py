@@ -249,9 +249,14 @@ def resume(result: Result, reference: list[dict], resumed: list[dict], memory: b
         result.error = f"resumed losses differ from the uninterrupted run's by {diffs} (> 2%)"
         return
     if memory:
+        # peak_mem_gib is the peak of the process so far: steps 1-3 there, loading + step 3 here
         ref_peak = by_step.get(3, {}).get("peak_mem_gib")
         res_peak = after[0].get("peak_mem_gib")
-        result.details.update(fresh_step3_peak_gib=ref_peak, resumed_step3_peak_gib=res_peak)
+        result.details.update(
+            fresh_start_peak_gib_step1=by_step.get(1, {}).get("peak_mem_gib"),
+            uninterrupted_peak_gib_step3=ref_peak,
+            resumed_peak_gib_step3=res_peak,
+        )
         if ref_peak is None or res_peak is None:
             result.status, result.error = "failed", "no peak_mem_gib in metrics.jsonl"
         elif res_peak > 1.10 * ref_peak + 0.25:
