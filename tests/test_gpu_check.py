@@ -174,6 +174,16 @@ def test_isolation_check_passes_on_packed_rows_and_sees_a_leak(tmp_path):
     assert sdpa["rel_diff"] <= isolation.TOLERANCE < sdpa["leak_rel_diff"]
 
 
+def test_long_error_lines_are_clipped_in_the_results():
+    log: list[str] = []
+    code, output = check.run_command(
+        [sys.executable, "-c", "print('x' * 5000); print('end')"], 60, log
+    )
+    assert code == 0 and len(output) > 5000
+    assert log[1].startswith("x" * check.LINE_CHARS + " ... (+") and len(log[1]) < 700
+    assert check.last_lines(output).splitlines()[-1] == "end"
+
+
 def test_a_case_past_its_limit_is_stopped_with_its_children():
     log: list[str] = []
     t0 = time.perf_counter()

@@ -39,7 +39,7 @@ SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
              num_key_value_heads=4, intermediate_size=2816, max_position_embeddings=4096,
              tie_word_embeddings=True)  # fmt: skip
 BUDGET_S = 420  # for the cases; the start and the model build come on top: 8 minutes in all
-LOG_HEAD, LOG_TAIL, ERROR_LINES = 8, 40, 15
+LOG_HEAD, LOG_TAIL, ERROR_LINES, LINE_CHARS = 8, 40, 15, 600
 PACKED = ("data.packing=true", "batch.global_size=8", "batch.micro_size=2")  # 2 rows a pass
 
 
@@ -137,7 +137,7 @@ def run_command(argv: list[str], timeout_s: float, log: list[str]) -> tuple[int 
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
         code = None
-    lines = output.splitlines()
+    lines = clipped(output.splitlines())
     if len(lines) > LOG_HEAD + LOG_TAIL:
         skipped = len(lines) - LOG_HEAD - LOG_TAIL
         lines = [*lines[:LOG_HEAD], f"... ({skipped} lines)", *lines[-LOG_TAIL:]]
@@ -147,8 +147,14 @@ def run_command(argv: list[str], timeout_s: float, log: list[str]) -> tuple[int 
     return code, output
 
 
+def clipped(lines: list[str]) -> list[str]:
+    """Lines cut to LINE_CHARS (an error can name hundreds of parameters on one line)."""
+    return [x if len(x) <= LINE_CHARS else x[:LINE_CHARS] + f" ... (+{len(x) - LINE_CHARS})"
+            for x in lines]  # fmt: skip
+
+
 def last_lines(output: str, n: int = ERROR_LINES) -> str:
-    return "\n".join(output.strip().splitlines()[-n:])
+    return "\n".join(clipped(output.strip().splitlines()[-n:]))
 
 
 def metrics(folder: Path) -> list[dict]:
