@@ -229,7 +229,7 @@ def test_a_resume_case_runs_and_judges_on_the_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_fetches_the_real_wheels(tmp_path):
-    """The real download (about 46 MB); skipped where no package index answers."""
+    """The real download (about 45 MiB); skipped where no package index answers."""
     probe = subprocess.run(
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(tmp_path / "p"),
          "annotated-types==" + pins()["annotated-types"]],

@@ -422,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     head: dict = {"budget_s": args.budget_s}
     head["env"] = environment(setup_log)
     results: list[Result] = [imports_result(head["env"], time.perf_counter() - t0)]
+    print(f"[check] imports: {results[0].status} {results[0].error}".rstrip(), flush=True)
+    write_results(out, head, results, setup_log)
     try:
         head["assets"] = build_assets()
     except Exception as e:

@@ -27,7 +27,7 @@
 # flex_attention; summary.json names the implementations it ran.
 #
 # With the device tool (a lent H200, torch 2.11 + transformers 5.17, nothing reachable):
-#   here, once:  bash bench/gpu/check.sh --prepare          (about 46 MB into .whl/)
+#   here, once:  bash bench/gpu/check.sh --prepare          (about 45 MiB into .whl/)
 #   then run:    command "bash bench/gpu/check.sh", carry [".whl"], timeout_s 540
 #   it returns:  $OUT/summary.json, summary.txt, logs.txt (the tool returns at most 8 files)
 # The cases stop by 420 s (--budget-s); the wheel install, the versions and the model build
