@@ -44,6 +44,7 @@ def samples_of(lengths: list[int], vocab: int, seed: int = 0):
 def logits_of(engine: torch.nn.Module, batch: dict, cfg, d) -> torch.Tensor:
     """The logits of every position of `batch`, run through lockstep's training module."""
     from lockstep.model.adapters import causal_lm
+    from lockstep.model.attention import to_device
     from lockstep.training import parallel
 
     causal = causal_lm(engine.model)
@@ -51,13 +52,13 @@ def logits_of(engine: torch.nn.Module, batch: dict, cfg, d) -> torch.Tensor:
     hook = causal.get_decoder().register_forward_hook(lambda _m, _a, out: caught.append(out[0]))
     try:
         with torch.no_grad(), parallel.autocast(cfg, d):
-            engine({k: v.to(d.device) for k, v in batch.items()})
+            engine(to_device(batch, d.device))
             return causal.get_output_embeddings()(caught[-1]).float()
     finally:
         hook.remove()
 
 
-def compare(engine: torch.nn.Module, cfg, d, pad_id: int, vocab: int) -> dict:
+def compare(engine: torch.nn.Module, cfg, d, pad_id: int, vocab: int, varlen: bool) -> dict:
     """Packed vs alone for one built model: the largest differences, and the leak reference."""
     from lockstep.data.collate import collate
     from lockstep.data.packing import assign, pack
@@ -67,9 +68,12 @@ def compare(engine: torch.nn.Module, cfg, d, pad_id: int, vocab: int) -> dict:
     groups = assign(lengths, cfg.data.max_length)  # the rows pack() builds, in its order
     if len(groups) < 2 or min(len(g) for g in groups) < 2:
         raise RuntimeError(f"expected 2+ rows of 2+ samples, packing gave {groups}")
-    batch = collate(pack(samples, cfg.data.max_length), np.arange(len(groups)), pad_id)
+    batch = collate(
+        pack(samples, cfg.data.max_length), np.arange(len(groups)), pad_id, varlen=varlen
+    )
     packed = logits_of(engine, batch, cfg, d)
-    leaky = dict(batch, attention_mask=torch.ones_like(batch["input_ids"]))
+    plain = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
+    leaky = dict(plain, attention_mask=torch.ones_like(batch["input_ids"]))
     leaked = logits_of(engine, leaky, cfg, d)
     diff = leak = top = 0.0
     for row, group in enumerate(groups):
@@ -94,9 +98,10 @@ def implementations(cfg, device: torch.device) -> list[str]:
     """lockstep's choice for packed rows first, then the others worth trying on this device."""
     from importlib.util import find_spec
 
-    from lockstep.training import parallel
+    from lockstep.model import attention
 
-    chosen = [parallel.attn_implementation(cfg, device, shared_rows=True), "sdpa"]
+    auto = attention.choose(cfg.model, device, True, attention.model_support(cfg.model))
+    chosen = [auto.name or "sdpa", "sdpa"]
     if device.type == "cuda":
         chosen.append("flex_attention")
         if find_spec("flash_attn"):
@@ -108,6 +113,7 @@ def check(cfg, report: Path | None = None) -> dict:
     """Run the comparison for every implementation; the result (also written to `report` after
     each implementation, so a run stopped by its time limit keeps what it found)."""
     from lockstep import dist
+    from lockstep.model import attention
     from lockstep.model.adapters import causal_lm
     from lockstep.model.load import load_tokenizer
     from lockstep.training import loop, parallel
@@ -121,10 +127,11 @@ def check(cfg, report: Path | None = None) -> dict:
         )
         entry: dict = {"lockstep_choice": k == 0}
         try:
-            model = loop.build_model(run_cfg, cfg.seed or 0, d, shared_rows=True)
+            choice = attention.Choice(name, "checked by bench/gpu/isolation.py")
+            model = loop.build_model(run_cfg, cfg.seed or 0, d, choice)
             engine = parallel.prepare(run_cfg, d, model)
             vocab = min(len(tok), causal_lm(model).get_input_embeddings().num_embeddings)
-            entry.update(compare(engine, run_cfg, d, tok.pad_token_id, vocab))
+            entry.update(compare(engine, run_cfg, d, tok.pad_token_id, vocab, choice.varlen))
             entry["ok"] = entry["rel_diff"] <= TOLERANCE < entry["leak_rel_diff"]
             if entry["leak_rel_diff"] <= TOLERANCE:
                 entry["why"] = "an all-ones mask (a leak) changed nothing: the check is blind"
