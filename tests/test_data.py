@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -290,3 +291,101 @@ def test_a_missing_chat_template_file_fails_fast(tmp_path):
     res = run_cli("train", str(small_config(tmp_path)), "data.chat_template=nope/template.jinja")
     assert res.returncode == 1
     assert "data.chat_template: file 'nope/template.jinja' not found" in res.stderr
+
+
+# ---------------------------------------------------------------- files and records that are broken
+
+GOOD = json.dumps({"instruction": "Say hi", "output": "hi"}) + "\n"
+
+
+def _bad_line(body: str) -> bytes:
+    return (GOOD + body + "\n" + GOOD).encode()
+
+
+BAD_RECORDS = {  # one bad record between two good ones: named by file:line, skipped and counted
+    "invalid UTF-8": (b'{"instruction": "x\xff", "output": "y"}\n'.join([GOOD.encode()] * 2), 2,
+                      "not UTF-8 text (byte 18 of the line)"),
+    "deep nesting": (_bad_line('{"instruction": ' + "[" * 50000 + "]" * 50000 + ', "output": "y"}'),
+                     2, "JSON nested too deeply"),
+    "lone surrogate": (_bad_line('{"instruction": "a \\ud800 b", "output": "y"}'), 2,
+                       "unpaired UTF-16 surrogate"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECORDS))
+def test_a_broken_record_is_named_or_skipped_and_counted(tmp_path, tok, case):
+    content, line, message = BAD_RECORDS[case]
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*{re.escape(message)}"):
+        build(tok, {"path": str(path)})
+    got = build(tok, {"path": str(path)}, on_bad_record="skip")
+    assert len(got) == 2 and got.stats["skipped"] == 1
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, tok):
+    for name, body in (("d.jsonl", GOOD * 2), ("d.json", f"[{GOOD}, {GOOD}]"),
+                       ("d.csv", "instruction,output\nSay hi,hi\nSay yo,yo\n")):  # fmt: skip
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+        assert len(build(tok, {"path": str(path)})) == 2, name
+
+
+def _gzip(path):
+    import gzip
+
+    path.write_bytes(gzip.compress(GOOD.encode() * 3))
+
+
+def _loop(path):
+    other = path.with_name("other.jsonl")
+    other.symlink_to(path)
+    path.symlink_to(other)
+
+
+def _corrupt_parquet(path):
+    path.write_bytes(b"PAR1" + bytes(range(200)) + b"PAR1")
+
+
+def _unreadable(path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file")
+    path.write_text(GOOD)
+    path.chmod(0)
+
+
+BAD_FILES = {
+    "gzip data named .jsonl": ("d.jsonl", _gzip, "gzip-compressed data under a .jsonl name"),
+    "symlink loop": ("d.jsonl", _loop, "a symbolic link to nothing"),
+    "corrupt parquet": ("d.parquet", _corrupt_parquet, "not a readable parquet file"),
+    "unreadable": ("d.jsonl", _unreadable, "cannot read it: Permission denied"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_file_that_cannot_be_read_stops_with_its_name(tmp_path, tok, case, mode):
+    """A whole file unreadable is never skipped as records: that would lose it silently."""
+    name, make, message = BAD_FILES[case]
+    path = tmp_path / name
+    make(path)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: {re.escape(message)}"):
+        dataset.fingerprint(DataConfig(train=[{"path": str(path)}], on_bad_record=mode), tok)
+        build(tok, {"path": str(path)}, on_bad_record=mode)
+
+
+def test_a_null_cell_is_called_null_not_missing(tmp_path, tok):
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"instruction": ["a", "b"], "output": ["x", None]}), path)
+    with pytest.raises(DataError, match=rf"^{path}: row 1: field 'output' is null \(no value\)"):
+        build(tok, {"path": str(path)})
+
+
+def test_broken_data_is_one_error_line_from_the_cli(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(BAD_RECORDS["invalid UTF-8"][0])
+    res = run_cli("data", "preview", str(small_config(tmp_path, path)))
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith(f"lockstep: error: {path}:2: not UTF-8")

@@ -122,6 +122,8 @@ class Fields:
     def text(self, key: str, required: bool = True) -> str:
         name, value = self.name(key), self.get(key)
         if value is None:
+            if required and name in self.raw:  # a CSV or Parquet cell with no value
+                raise DataError(f"{self.where}: field {name!r} is null (no value)")
             if required:
                 have = ", ".join(sorted(map(str, self.raw))) or "none"
                 mapped = f" (mapped from {key!r} by columns)" if name != key else ""

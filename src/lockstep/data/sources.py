@@ -33,6 +33,8 @@ class Record:
 def files_of(path: str) -> list[Path]:
     """The data files a `path` names: one file, or the supported files of a folder (sorted)."""
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        raise DataError(f"{p}: a symbolic link to nothing (its target is missing, or a loop)")
     if p.is_file():
         if p.suffix.lower() not in SUFFIXES:
             raise DataError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIXES)})")
@@ -79,38 +81,64 @@ def content_hash(path: str, split: str = "train") -> str:
     files = files_of(path)
     for f in files:
         h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise DataError(f"{f}: cannot read it: {e.strerror or first_line(e)}") from None
+    if not files and not (is_saved_dataset(path) or is_hub_name(path)):
+        raise DataError(f"data file {path!r} not found (looked in {Path(path).resolve()})")
     if not files:
         h.update(getattr(_load_hf(path, split), "_fingerprint", path).encode())
     return h.hexdigest()
 
 
 def _read_file(p: Path) -> Iterator[Record]:
+    """The records of one file; a file that cannot be read at all is one DataError naming it."""
+    try:
+        yield from _records_of(p)
+    except DataError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot read it: {e.strerror or first_line(e)}") from None
+    except RecursionError:
+        raise DataError(f"{p}: JSON nested too deeply to read") from None
+    except Exception as e:  # pyarrow's errors for a damaged Parquet file, and the like
+        raise DataError(
+            f"{p}: not a readable {p.suffix.lower()[1:]} file: {first_line(e)}"
+        ) from None
+
+
+def _records_of(p: Path) -> Iterator[Record]:
     suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json", ".csv"):
+        _refuse_compressed(p)
     if suffix == ".jsonl":
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    yield _json_record(line, f"{p}:{lineno}")
+        with p.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield from _jsonl_line(raw, lineno, p)
     elif suffix == ".json":
+        text = p.read_text(encoding="utf-8-sig")
         try:
-            data = json.loads(p.read_text(encoding="utf-8"))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{p}:{e.lineno}: invalid JSON: {e.msg}") from None
         if not isinstance(data, list):
             raise DataError(f"{p}: expected a JSON list of records, got {type(data).__name__}")
+        surrogates = _surrogate_escape(text)
         for i, obj in enumerate(data):
-            yield _checked(obj, f"{p}: record {i}")
+            yield _checked(obj, f"{p}: record {i}", surrogates)
     elif suffix == ".csv":
-        with p.open(encoding="utf-8", newline="") as f:
+        with p.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield Record(f"{p}:{reader.line_num}", {k: v for k, v in row.items() if k})
     elif suffix == ".txt":
         try:
-            yield Record(str(p), {"text": p.read_text(encoding="utf-8")})
+            yield Record(str(p), {"text": p.read_text(encoding="utf-8-sig")})
         except UnicodeDecodeError as e:
             yield Record(str(p), {}, f"not UTF-8 text (byte {e.start})")
     else:  # .parquet
@@ -120,18 +148,67 @@ def _read_file(p: Path) -> Iterator[Record]:
             yield Record(f"{p}: row {i}", row)
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _surrogate_escape(text: str) -> bool:
+    """JSON text with a \\udXXX escape: the only way a JSON string can hold a UTF-16 surrogate."""
+    return "\\ud" in text or "\\uD" in text
+
+
+def _refuse_compressed(p: Path) -> None:
+    with p.open("rb") as f:
+        if f.read(2) == _GZIP_MAGIC:
+            raise DataError(
+                f"{p}: gzip-compressed data under a {p.suffix} name: decompress it first "
+                f"(gunzip -c {p.name} > plain{p.suffix})"
+            )
+
+
+def _jsonl_line(raw: bytes, lineno: int, p: Path) -> Iterator[Record]:
+    where = f"{p}:{lineno}"
+    try:
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        yield Record(where, {}, f"not UTF-8 text (byte {e.start} of the line)")
+        return
+    if line.strip():
+        yield _json_record(line, where)
+
+
 def _json_record(line: str, where: str) -> Record:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
         return Record(where, {}, f"invalid JSON: {e.msg} (column {e.colno})")
-    return _checked(obj, where)
+    except RecursionError:
+        return Record(where, {}, "JSON nested too deeply to read")
+    return _checked(obj, where, _surrogate_escape(line))
 
 
-def _checked(obj: Any, where: str) -> Record:
+def _checked(obj: Any, where: str, surrogates: bool = False) -> Record:
+    """A record if `obj` is a JSON object of real text; `surrogates`: the JSON text held a
+    surrogate escape, so its strings are checked for one left unpaired (not text: no
+    tokenizer can encode it)."""
     if not isinstance(obj, dict):
         return Record(where, {}, f"expected a JSON object, got {type(obj).__name__}")
+    if surrogates and _has_lone_surrogate(obj):
+        return Record(where, {}, "a string holds an unpaired UTF-16 surrogate (\\udXXX): not text")
     return Record(where, obj)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def _load_hf(name: str, split: str) -> Any:
