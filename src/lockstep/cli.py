@@ -96,9 +96,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lockstep import config, dist
     from lockstep.data import cache
     from lockstep.export import model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
-    from lockstep.training.evaluate import eval_split, evaluate
+    from lockstep.training.evaluate import eval_data, eval_split, evaluate
 
     cfg = config.load(args.config, args.overrides)
+    eval_data(cfg)  # a missing data.eval file, before the model loads
     ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))
     model, trained_cfg, _ = model_from_checkpoint(ckpt, args.trust_remote_code)
     tokenizer = tokenizer_from_checkpoint(ckpt, trained_cfg)

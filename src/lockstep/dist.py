@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
+WAIT_FOR_MAIN_S = 24 * 3600.0  # how long ranks wait for rank 0's own work (not a hang)
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -54,9 +56,6 @@ def setup(timeout_s: float = 300.0) -> Dist:
             backend="gloo", timeout=datetime.timedelta(seconds=WAIT_FOR_MAIN_S)
         )
     return Dist(rank, world, local_rank, device, wait_group)
-
-
-WAIT_FOR_MAIN_S = 24 * 3600.0  # how long ranks wait for rank 0's own work (not a hang)
 
 
 @contextmanager
