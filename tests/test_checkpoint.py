@@ -90,12 +90,14 @@ def test_incomplete_checkpoint_is_ignored_and_cleaned(tmp_path):
     root = tmp_path / "out" / "checkpoints"
     (root / "step-00000010" / "COMPLETE").unlink()  # as if killed while saving
     (root / ".tmp-step-00000011").mkdir()
+    (root / "other-tool").mkdir()  # not lockstep's: left alone
     res = run_cli("train", str(cfg), "train.max_steps=12")
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stderr and "step-00000005 at step 5" in res.stderr
-    assert "removed an incomplete checkpoint" in res.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000005", "step-00000010",
-                                                      "step-00000012"]  # fmt: skip
+    assert f"removed an incomplete checkpoint (an interrupted save): {root}" in res.stderr
+    assert "other-tool" not in res.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["other-tool", "step-00000005",
+                                                      "step-00000010", "step-00000012"]  # fmt: skip
     assert [r["step"] for r in read(tmp_path / "out" / "metrics.jsonl")] == list(range(1, 13))
 
 
