@@ -26,7 +26,6 @@ from lockstep.data.dataset import check_files  # noqa: E402
 from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
 from lockstep.model import adapters  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
-from lockstep.training.evaluate import eval_data  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
 from lockstep.training.preempt import Preempted  # noqa: E402
 
@@ -80,6 +79,8 @@ def options(args: argparse.Namespace) -> RunOptions:
 
 def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     """Train in this process (one rank of the world torchrun made, or a world of one)."""
+    from lockstep.training.evaluate import eval_data
+
     cfg = config_mod.load(args.config, args.overrides)
     check_files(cfg.data)
     eval_data(cfg)  # a missing data.eval file, named as such, before anything starts
