@@ -7,7 +7,8 @@ Layout: OUTPUT/checkpoints/step-00000100/
                          optimizer state as every rank's shards (training/sharded.py)
   scheduler.pt           scheduler state  (idem)
   rng-rank-R.pt          python, numpy, torch and CUDA generator states of rank R
-  state.json             step, epoch, samples consumed, seed, config hash, world size, version
+  state.json             step, epoch, samples consumed, seed, config hash, world size, version,
+                         the losses since the last logged step (log_window)
   config.yaml            the resolved config of the run that wrote it
   tokenizer/             the run's tokenizer, with the chat template it trained with
   COMPLETE               written last; a folder without it does not exist for any reader
