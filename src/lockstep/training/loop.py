@@ -67,17 +67,17 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     log = logmod.get()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-    if d.is_main:
-        for leftover in checkpoint.clean_incomplete(ckpt_root):
-            log.info(f"removed an incomplete checkpoint (an interrupted save): {leftover}")
-    if d.distributed:
-        tdist.barrier()
+    with main_first(d):  # deleting a large leftover may take longer than launch.timeout_s
+        if d.is_main:
+            for leftover in checkpoint.clean_incomplete(ckpt_root):
+                log.info(f"removed an incomplete checkpoint (an interrupted save): {leftover}")
     resume_from = checkpoint.find_resume(cfg)
     loaded = checkpoint.read(resume_from) if resume_from else None
     if loaded:
         checkpoint.check_config_change(loaded, cfg)
-    elif cfg.checkpoint.overwrite and d.is_main:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+    with main_first(d):
+        if not loaded and cfg.checkpoint.overwrite and d.is_main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
 
     # a configured seed wins (a changed one is refused above unless forced); null inherits
     inherited = loaded.state["seed"] if loaded and cfg.seed is None else cfg.seed
