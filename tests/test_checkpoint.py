@@ -90,12 +90,14 @@ def test_incomplete_checkpoint_is_ignored_and_cleaned(tmp_path):
     root = tmp_path / "out" / "checkpoints"
     (root / "step-00000010" / "COMPLETE").unlink()  # as if killed while saving
     (root / ".tmp-step-00000011").mkdir()
+    (root / "other-tool").mkdir()  # not lockstep's: left alone
     res = run_cli("train", str(cfg), "train.max_steps=12")
     assert res.returncode == 0, res.stderr
     assert "resuming from" in res.stderr and "step-00000005 at step 5" in res.stderr
-    assert "removed an incomplete checkpoint" in res.stderr
-    assert sorted(p.name for p in root.iterdir()) == ["step-00000005", "step-00000010",
-                                                      "step-00000012"]  # fmt: skip
+    assert f"removed an incomplete checkpoint (an interrupted save): {root}" in res.stderr
+    assert "other-tool" not in res.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["other-tool", "step-00000005",
+                                                      "step-00000010", "step-00000012"]  # fmt: skip
     assert [r["step"] for r in read(tmp_path / "out" / "metrics.jsonl")] == list(range(1, 13))
 
 
@@ -251,3 +253,58 @@ def test_resume_refuses_an_edited_chat_template_file_unless_forced(tmp_path):
     assert res.returncode == 1
     assert "the tokenised data is not what it trained on (data fingerprint" in res.stderr
     assert run_cli(*args, "train.max_steps=2", "checkpoint.resume_force=true").returncode == 0
+
+
+def test_first_logged_loss_after_a_resume_equals_the_uninterrupted_run(tmp_path):
+    """A checkpoint between two logged steps keeps the losses since the last logged one."""
+    sections = {"train": {"max_steps": 8}, "checkpoint": {"every_steps": 3},
+                "log": {"every_steps": 4}}  # fmt: skip
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_cli("train", str(small_config(tmp_path / "a", **sections))).returncode == 0
+    reference = read(tmp_path / "a" / "out" / "metrics.jsonl")
+    cfg = small_config(tmp_path / "b", **sections)
+    res = run_cli("train", str(cfg), "testing.fail_at_step=5")  # after step-3 and the row of 4
+    assert res.returncode == 1 and "injected failure at step 5" in res.stderr
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0 and "at step 3" in res.stderr, res.stderr
+    resumed = read(tmp_path / "b" / "out" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [r["step"] for r in reference] == [4, 8]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_with_data_workers_saves_and_resumes_exactly(tmp_path):
+    """torchrun, a scheduler or the terminal signal the whole process group, data workers too:
+    they leave it to the main process, which finishes the step and saves."""
+    import os
+
+    steps = {"train": {"max_steps": 40}, "data": {"num_workers": 2}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert run_cli("train", str(small_config(tmp_path / "a", **steps))).returncode == 0
+    reference = read(tmp_path / "a" / "out" / "metrics.jsonl")
+    cfg = small_config(tmp_path / "b", **steps)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lockstep", "train", str(cfg)], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    wait_for_step(tmp_path / "b" / "out", 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM after step" in err and "Traceback" not in err
+    saved = checkpoint_folders(tmp_path / "b" / "out")
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").is_file()
+    at = json.loads((saved[0] / "state.json").read_text())["step"]
+    assert at < 40
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0 and f"at step {at}" in res.stderr, res.stderr
+    resumed = read(tmp_path / "b" / "out" / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 41))
+    for key in ("loss", "batch_sha", "grad_norm", "lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in reference], key
+
+
+def checkpoint_folders(out):
+    return sorted((out / "checkpoints").iterdir())

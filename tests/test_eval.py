@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import ROOT, run_cli, small_config
+from conftest import DEMO_DATA, ROOT, run_cli, small_config
 
 from lockstep.report.metrics import read
 
@@ -68,3 +68,14 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
     expected = [r["loss"] for r in read(tmp_path / "out" / "metrics.jsonl") if "loss" in r]
     assert losses == pytest.approx(expected, rel=1e-6)
     assert [e.step for e in acc.Scalars("eval/loss")] == [3]
+
+
+def test_a_missing_eval_file_is_named_as_data_eval(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    cfg = small_config(tmp_path, data={"eval": [{"path": str(DEMO_DATA)}, {"path": str(missing)}]})
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"data.eval.1.path: file {str(missing)!r} not found" in res.stderr
+    assert "data.train" not in res.stderr
+    res = run_cli("eval", str(cfg), "--checkpoint", str(tmp_path / "out"))
+    assert res.returncode == 1 and "data.eval.1.path" in res.stderr, res.stderr

@@ -101,3 +101,32 @@ def test_replay_one_rank_in_one_process(tmp_path):
     other = (out2 / "sample_ids" / "rank-0-of-2.jsonl").read_text()
     assert replayed != other
     assert all(i != PAD for line in replayed.splitlines() for i in json.loads(line)["ids"])
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_rank_0_tokenising_longer_than_the_collective_timeout(tmp_path):
+    """Rank 0 tokenises for longer than launch.timeout_s; the other rank waits for it (that
+    timeout is for collectives all ranks reach together) and the log says what it waits for."""
+    from conftest import write_jsonl
+
+    records = [
+        {"instruction": f"Uppercase the words number {i}.", "input": f"word{i} river stone",
+         "output": f"WORD{i} RIVER STONE"}
+        for i in range(60_000)
+    ]  # fmt: skip
+    data = write_jsonl(tmp_path / "big.jsonl", records)
+    cfg = small_config(tmp_path, data, launch={"timeout_s": 10}, train={"max_steps": 2},
+                       data={"eval": [{"path": str(DEMO_DATA)}]})  # fmt: skip
+    t0 = time.monotonic()
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2", timeout=600)
+    took = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    assert (
+        "the other 1 rank(s) wait while rank 0 reads or tokenises the training data" in res.stderr
+    )
+    assert "the other 1 rank(s) wait while rank 0 reads or tokenises the eval data" in res.stderr
+    tokenising = [
+        line for line in res.stderr.splitlines() if "the training data: tokenised" in line
+    ]
+    assert tokenising and took > 10  # the wait was longer than the timeout
+    assert (tmp_path / "out" / "final").is_dir()

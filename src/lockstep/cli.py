@@ -90,7 +90,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from lockstep.export import export
 
-    export(Path(args.source), Path(args.out), args.dtype)
+    export(Path(args.source), Path(args.out), args.dtype, args.trust_remote_code)
     return 0
 
 
@@ -99,14 +99,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lockstep import config, dist
     from lockstep.data import cache
     from lockstep.export import model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
-    from lockstep.training.evaluate import eval_split, evaluate
+    from lockstep.training.evaluate import eval_data, eval_split, evaluate
 
     cfg = config.load(args.config, args.overrides)
+    eval_data(cfg)  # a missing data.eval file, before the model loads
     ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))
-    model, trained_cfg, _ = model_from_checkpoint(ckpt)
+    model, trained_cfg, _ = model_from_checkpoint(ckpt, args.trust_remote_code)
     tokenizer = tokenizer_from_checkpoint(ckpt, trained_cfg)
     samples, _ = cache.load_or_build(cfg.data, tokenizer)
-    _, held = eval_split(cfg, samples, tokenizer, trained_cfg.seed)
+    load = lambda data: cache.load_or_build(data, tokenizer)[0]  # noqa: E731
+    _, held = eval_split(cfg, samples, trained_cfg.seed, load)
     if held is None:
         raise config.ConfigError("nothing to evaluate on: set data.eval or data.val_fraction")
     d = dist.Dist()
@@ -139,6 +141,16 @@ def _cmd_env(args: argparse.Namespace) -> int:
     info = env.collect()
     print(json.dumps(info, indent=2) if args.json else env.render(info))
     return 0
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    """--trust-remote-code: the only way a checkpoint's model may run its folder's Python (its
+    own config.yaml saying model.trust_remote_code=true is not enough)."""
+    p.add_argument(
+        "--trust-remote-code", dest="trust_remote_code", action="store_true",
+        help="allow a checkpoint trained with model.trust_remote_code=true to run its model "
+        "folder's Python code (only for code you trust)",
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run's output_dir (its newest checkpoint) or a checkpoint")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights")
+    _add_trust_flag(p)
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_export)
 
@@ -183,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="run config (YAML or JSON)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--checkpoint", help="a checkpoint or run folder (default: output_dir's newest)")
+    _add_trust_flag(p)
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_eval)
 

@@ -6,10 +6,15 @@ import datetime
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as tdist
+
+WAIT_FOR_MAIN_S = 24 * 3600.0  # how long ranks wait for rank 0's own work (not a hang)
 
 
 @dataclass(frozen=True)
@@ -18,6 +23,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    # a gloo group whose collectives wait up to WAIT_FOR_MAIN_S: see main_first
+    wait_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
@@ -43,7 +50,31 @@ def setup(timeout_s: float = 300.0) -> Dist:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if cuda else None,
         )
-    return Dist(rank, world, local_rank, device)
+    wait_group = None
+    if world > 1:  # made once, by every rank, while they are all here
+        wait_group = tdist.new_group(
+            backend="gloo", timeout=datetime.timedelta(seconds=WAIT_FOR_MAIN_S)
+        )
+    return Dist(rank, world, local_rank, device, wait_group)
+
+
+@contextmanager
+def main_first(d: Dist, what: str = "") -> Iterator[None]:
+    """Rank 0 does its own long work in the body (tokenising the data, writing a checkpoint);
+    every rank then meets at a barrier that waits up to WAIT_FOR_MAIN_S, not launch.timeout_s:
+    that timeout is for collectives all ranks reach together, where a wait means a hang.
+
+    `what`: said in rank 0's log as the body starts (why the other ranks are idle). If the
+    body raises, no rank waits for the others; a rank that dies ends the wait of the others at
+    once (its gloo connections close).
+    """
+    if what and d.distributed and d.is_main:
+        from lockstep.report import log as logmod
+
+        logmod.get().info(f"the other {d.world_size - 1} rank(s) wait while rank 0 {what}")
+    yield
+    if d.distributed:
+        tdist.barrier(group=d.wait_group)
 
 
 def teardown() -> None:

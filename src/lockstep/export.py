@@ -29,35 +29,60 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path} {why} (a run folder holds checkpoints/step-*/COMPLETE)")
 
 
-def model_from_checkpoint(ckpt: Path) -> tuple[torch.nn.Module, config_mod.RunConfig, int]:
-    """The model as it was at a checkpoint, its run config, and the number of tensors loaded."""
+def checkpoint_config(ckpt: Path, trust_remote_code: bool = False) -> config_mod.RunConfig:
+    """The run config a checkpoint saved, to rebuild its model from.
+
+    A checkpoint is data: its own config.yaml never turns remote code on. One trained with
+    model.trust_remote_code=true (its model folder's Python runs as the model loads) is refused
+    unless the user passes --trust-remote-code (`trust_remote_code`).
+    """
     cfg = config_mod.validate(checkpoint.read(ckpt).config)
+    if cfg.model.trust_remote_code and not trust_remote_code:
+        raise CheckpointError(
+            f"checkpoint {ckpt} was trained with model.trust_remote_code=true: loading its model "
+            f"runs the Python code of {cfg.model.path}. Pass --trust-remote-code if you trust it"
+        )
+    return cfg
+
+
+def model_from_checkpoint(
+    ckpt: Path, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, config_mod.RunConfig, int]:
+    """The model as it was at a checkpoint, its run config, and the number of tensors loaded.
+    `trust_remote_code`: the user's --trust-remote-code (see checkpoint_config)."""
+    cfg = checkpoint_config(ckpt, trust_remote_code)
     model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
     model = adapters.apply(cfg.finetune, model, derive_seed(cfg.seed, "adapter"))
     if sharded.is_sharded(ckpt):
+        checkpoint.check_sharded_metadata(ckpt)  # before DCP unpickles it
         return model, cfg, sharded.load_weights(ckpt, model)
     return model, cfg, len(checkpoint.load_weights(ckpt, model))
 
 
 def tokenizer_from_checkpoint(ckpt: Path, cfg: config_mod.RunConfig):
     """The tokenizer a checkpoint saved (with the chat template the run trained with); one
-    written before checkpoints held a tokenizer is rebuilt from the run's config."""
+    written before checkpoints held a tokenizer is rebuilt from the run's config. Remote code
+    only as `cfg` (from checkpoint_config) allows."""
     saved = ckpt / "tokenizer"
     if not (saved / "tokenizer_config.json").is_file():
         return load_tokenizer(cfg.model, templates.configured(cfg.data))
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(saved, trust_remote_code=False)
+        return AutoTokenizer.from_pretrained(saved, trust_remote_code=cfg.model.trust_remote_code)
     except Exception as e:  # a damaged folder: transformers raises several types
         raise CheckpointError(
             f"cannot load the tokenizer saved in {saved}: {first_line(e)}"
         ) from None
 
 
-def export(source: Path, out: Path, dtype: str | None = None) -> Path:
+def export(
+    source: Path, out: Path, dtype: str | None = None, trust_remote_code: bool = False
+) -> Path:
+    """Write checkpoint (or run) `source` as a Hugging Face folder `out`; remote code runs only
+    with `trust_remote_code` (the user's --trust-remote-code)."""
     ckpt = resolve_checkpoint(source)
-    model, cfg, n_tensors = model_from_checkpoint(ckpt)
+    model, cfg, n_tensors = model_from_checkpoint(ckpt, trust_remote_code)
     if adapters.is_peft(model):  # LoRA: fold the adapter into the base weights
         model = model.merge_and_unload()
     if dtype:

@@ -78,8 +78,11 @@ def options(args: argparse.Namespace) -> RunOptions:
 
 def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     """Train in this process (one rank of the world torchrun made, or a world of one)."""
+    from lockstep.training.evaluate import eval_data
+
     cfg = config_mod.load(args.config, args.overrides)
     check_files(cfg.data)
+    eval_data(cfg)  # a missing data.eval file, named as such, before anything starts
     adapters.check_supported(cfg.finetune)
     opts = options(args)
     how = launch.launcher(os.environ, via_lockstep)
@@ -97,9 +100,11 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
             config_mod.check(cfg, d.world_size)
         if opts.debug_rank is not None and opts.debug_rank == d.rank:
             _wait_for_debugger(d.rank)
+        from lockstep.training import rundir
         from lockstep.training.loop import run as train_loop
 
-        train_loop(cfg, d, opts)
+        with rundir.hold(Path(cfg.output_dir), d):  # one run per output_dir at a time
+            train_loop(cfg, d, opts)
     finally:
         dist.teardown()
     return 0

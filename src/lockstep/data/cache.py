@@ -17,6 +17,7 @@ import numpy as np
 
 from lockstep.config import DataConfig
 from lockstep.data.dataset import Samples, build, fingerprint
+from lockstep.errors import first_line
 
 
 def cache_file(cfg: DataConfig, fp: str) -> Path:
@@ -45,31 +46,55 @@ def save(path: Path, samples: Samples) -> None:
 
 
 def load(path: Path, fp: str) -> Samples:
+    """The samples of a cache entry; ValueError naming what is wrong with a damaged one."""
     with np.load(path) as z:
-        cuts = np.cumsum(z["lengths"])[:-1]
-        split = lambda name: [a.astype(np.int64) for a in np.split(z[name], cuts)]  # noqa: E731
-        positions = split("position_ids") if "position_ids" in z else None
-        return Samples(
-            split("input_ids"), split("labels"), fp, json.loads(str(z["stats"])), positions
-        )
+        lengths = z["lengths"]
+        stats = json.loads(str(z["stats"]))
+        arrays = {name: z[name] for name in ("input_ids", "labels", "position_ids") if name in z}
+    _check_entry(lengths, arrays, stats)
+    cuts = np.cumsum(lengths)[:-1]
+    split = {name: [a.astype(np.int64) for a in np.split(v, cuts)] for name, v in arrays.items()}
+    positions = split.get("position_ids")
+    return Samples(split["input_ids"], split["labels"], fp, stats, positions)
+
+
+def _check_entry(lengths: np.ndarray, arrays: dict[str, np.ndarray], stats: Any) -> None:
+    """A cache entry whose arrays do not fit together is damaged, not samples to train on."""
+    if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu":
+        raise ValueError("no sample lengths")
+    if (lengths <= 0).any():
+        raise ValueError("a sample length is not positive")
+    total = int(lengths.sum())
+    for name, values in arrays.items():
+        if values.ndim != 1 or values.dtype.kind not in "iu" or len(values) != total:
+            raise ValueError(f"{name} does not hold the {total} tokens of the lengths")
+    if "labels" not in arrays or "input_ids" not in arrays:
+        raise ValueError("input_ids or labels missing")
+    if not isinstance(stats, dict):
+        raise ValueError("stats are not a mapping")
 
 
 def load_or_build(cfg: DataConfig, tokenizer: Any, write: bool = True) -> tuple[Samples, str]:
-    """(samples, what happened: 'cache hit PATH' / 'tokenised, cached in PATH' / 'tokenised')."""
+    """(samples, what happened: 'cache hit PATH' / 'tokenised, cached in PATH' / 'tokenised').
+
+    A damaged entry (a truncated or foreign file, arrays that do not fit together, bad stats)
+    is said in the answer and tokenised again; rank 0 (write=True) replaces it.
+    """
     fp = fingerprint(cfg, tokenizer)
     if not cfg.cache:
         return build(cfg, tokenizer, fp), "tokenised (data.cache off)"
     path = cache_file(cfg, fp)
+    damaged = ""
     if path.is_file():
         try:
             return load(path, fp), f"reusing tokenised data from {path}"
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged entry is rebuilt below
+        except Exception as e:  # zipfile, numpy, json and OS errors all mean: rebuild it
+            damaged = f"the cache entry {path} is damaged ({first_line(e)}): "
     samples = build(cfg, tokenizer, fp)
     if not write:
-        return samples, "tokenised"
+        return samples, f"{damaged}tokenised"
     try:
         save(path, samples)
     except OSError as e:
-        return samples, f"tokenised (could not write the cache {path}: {e.strerror or e})"
-    return samples, f"tokenised, cached in {path}"
+        return samples, f"{damaged}tokenised (could not write the cache {path}: {e.strerror or e})"
+    return samples, f"{damaged}tokenised, cached in {path}"

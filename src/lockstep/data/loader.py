@@ -6,6 +6,7 @@ says: workers only collate (ids -> tensors), so the data order never depends on 
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -47,10 +48,18 @@ def micro_batches(
         return (data[k] for k in range(len(data)))
     loader = DataLoader(
         data, batch_size=None, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
-        prefetch_factor=4, collate_fn=_keep,
+        prefetch_factor=4, collate_fn=_keep, worker_init_fn=_leave_signals_to_the_main_process,
     )  # fmt: skip
     return iter(loader)
 
 
 def _keep(item):
     return item
+
+
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """A worker ignores SIGTERM and SIGINT: torchrun, a scheduler or the terminal sends them
+    to every process of the run, and the main process handles them (it finishes the step and
+    saves a checkpoint, training/preempt.py) while its workers go on serving it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

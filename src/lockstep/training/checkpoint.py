@@ -7,20 +7,26 @@ Layout: OUTPUT/checkpoints/step-00000100/
                          optimizer state as every rank's shards (training/sharded.py)
   scheduler.pt           scheduler state  (idem)
   rng-rank-R.pt          python, numpy, torch and CUDA generator states of rank R
-  state.json             step, epoch, samples consumed, seed, config hash, world size, version
+  state.json             step, epoch, samples consumed, seed, config hash, world size, version,
+                         the losses since the last logged step (log_window)
   config.yaml            the resolved config of the run that wrote it
   tokenizer/             the run's tokenizer, with the chat template it trained with
   COMPLETE               written last; a folder without it does not exist for any reader
 
-A checkpoint is written into `.tmp-step-...`, flushed, marked COMPLETE, then renamed into place;
-older checkpoints are deleted only after the new one is complete. Nothing loaded can run code.
+A checkpoint is written into `.tmp-step-...`, flushed, checked to hold every rank's files,
+marked COMPLETE, then renamed into place; older checkpoints are deleted only after the new one is
+complete. Nothing loaded can run code: tensors load with weights_only=True onto the CPU (the
+optimizer moves its state to its parameters' device), and a sharded checkpoint's `.metadata`
+pickle is read with an unpickler that knows only DCP's metadata classes before DCP reads it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +38,13 @@ from safetensors.torch import load_file, save_file
 
 from lockstep import config as config_mod
 from lockstep.config import RunConfig
-from lockstep.errors import CheckpointError
+from lockstep.errors import CheckpointError, first_line
 from lockstep.training import sharded
 
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
+OWN_NAME = re.compile(r"(\.tmp-)?step-\d{8,}")  # the folders lockstep writes, and nothing else
 # fields whose change alters the data order or the model: resuming across them is refused
 GUARDED = (
     "seed",
@@ -75,11 +82,15 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def clean_incomplete(root: Path) -> list[Path]:
-    """Remove leftovers of interrupted saves (no COMPLETE marker)."""
+    """Remove lockstep's own leftovers of interrupted saves: `.tmp-step-N` folders and `step-N`
+    folders without a COMPLETE marker. Anything else under OUTPUT/checkpoints (another tool's
+    folders, a user's notes) is left alone. Returns what was removed, for the log."""
     removed = []
     if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and (p.name.startswith(TMP_PREFIX) or not (p / COMPLETE).is_file()):
+        for p in sorted(root.iterdir()):
+            if not (p.is_dir() and OWN_NAME.fullmatch(p.name)):
+                continue
+            if p.name.startswith(TMP_PREFIX) or not (p / COMPLETE).is_file():
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -145,6 +156,7 @@ class Saver:
     keep_last: int | None
     rank: int
     tokenizer: Any = None  # saved into every checkpoint: its chat template is the trained one
+    world: int = 1  # ranks that write their files into each checkpoint
 
     def tmp_dir(self, step: int) -> Path:
         return self.root / f"{TMP_PREFIX}{folder_name(step)}"
@@ -180,6 +192,7 @@ class Saver:
     ) -> Path:
         """Rank 0: weights, optimizer, scheduler, state, marker, rename, retention."""
         tmp, final = self.tmp_dir(step), self.root / folder_name(step)
+        self._check_every_rank_wrote(tmp, final)
         try:
             if not sharded.is_sharded(tmp):
                 save_file(trainable_state(model), tmp / "model.safetensors")
@@ -205,6 +218,27 @@ class Saver:
             ) from None
         self._retain()
         return final
+
+    def _check_every_rank_wrote(self, tmp: Path, final: Path) -> None:
+        """Before COMPLETE: rank 0 sees every rank's RNG file and (sharded) every shard file.
+
+        On a multi-node job whose output_dir is node-local, each node writes its ranks' files
+        to its own disk: rank 0 would mark complete a checkpoint that cannot be loaded."""
+        missing = [
+            f"rng-rank-{r}.pt"
+            for r in range(self.world)
+            if not (tmp / f"rng-rank-{r}.pt").is_file()
+        ]
+        if sharded.is_sharded(tmp):
+            missing += [f"{sharded.FOLDER}/{f}" for f in missing_shard_files(tmp)]
+        if missing:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"cannot complete checkpoint {final}: rank 0 does not see "
+                f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} written by the "
+                "other ranks. output_dir must be on storage shared by all nodes (a network "
+                "file system), not a node-local disk"
+            )
 
     def _retain(self) -> None:
         if not self.keep_last:
@@ -253,6 +287,14 @@ def read(path: Path) -> Loaded:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
     return Loaded(path, state, cfg)
+
+
+def log_window(loaded: Loaded | None) -> list[float]:
+    """The losses of the steps after the last logged one, as the checkpoint saved them: the
+    first row a resumed run logs averages the same steps as the run that was not stopped."""
+    if loaded is None:
+        return []
+    return [float(x) for x in loaded.state.get("log_window", [])]
 
 
 def changed_fields(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -342,15 +384,94 @@ def load_into(
         )
     try:
         if sharded.is_sharded(path):
+            check_sharded_metadata(path)
             sharded.load(path, engine, optimizer)
         else:
             load_weights(path, engine.model)
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
+        scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
         rng_file = path / f"rng-rank-{rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_tensors(rng_file))
             return True
         return False
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+
+
+def load_tensors(path: Path) -> Any:
+    """A torch.save'd file, tensors and plain values only, onto the CPU whatever device wrote it.
+
+    Every rank of a resume reads the same optimizer.pt: without map_location its CUDA tensors
+    would all land on the GPU that saved them (cuda:0). From the CPU, Optimizer.load_state_dict
+    moves the state onto each parameter's own device; RNG states are CPU tensors anyway.
+    """
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- sharded metadata
+
+# what a DCP `.metadata` pickle may name: its metadata classes and the torch types they hold
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global is refused, not imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds")
+
+
+def read_sharded_metadata(path: Path) -> Any:
+    """The DCP metadata of checkpoint `path` (path/sharded/.metadata), read without running code.
+
+    DCP itself reads this file with pickle.load, which can run any code a crafted file names:
+    lockstep reads it first with an unpickler that allows only DCP's metadata classes, and
+    refuses the checkpoint in one line otherwise.
+    """
+    meta = path / sharded.FOLDER / ".metadata"
+    try:
+        with meta.open("rb") as f:
+            return _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {meta}: {e.strerror or e}") from None
+    except Exception as e:  # UnpicklingError, EOFError, and what a damaged pickle raises
+        raise CheckpointError(
+            f"refusing sharded checkpoint {path}: {meta} is not plain DCP metadata "
+            f"({first_line(e)}); it was not written by lockstep, or is damaged"
+        ) from None
+
+
+def missing_shard_files(path: Path) -> list[str]:
+    """The shard files that checkpoint `path`'s DCP metadata names and its folder lacks."""
+    folder = path / sharded.FOLDER
+    if not (folder / ".metadata").is_file():
+        return [".metadata"]
+    storage = getattr(read_sharded_metadata(path), "storage_data", None) or {}
+    files = sorted({str(getattr(info, "relative_path", "")) for info in storage.values()})
+    return [f for f in files if not f or not (folder / f).is_file()]
+
+
+def check_sharded_metadata(path: Path) -> None:
+    """Refuse a sharded checkpoint whose metadata is not plain DCP metadata (before DCP reads
+    it with pickle) or that lacks a shard file its metadata names."""
+    missing = missing_shard_files(path)
+    if missing:
+        raise CheckpointError(
+            f"sharded checkpoint {path} lacks {', '.join(missing[:4])} in {sharded.FOLDER}/: "
+            "it is incomplete (written to a disk the other ranks could not see?)"
+        )

@@ -8,13 +8,15 @@ eval_ppl = exp(eval_loss). Rank r evaluates samples r, r+W, r+2W, ...
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 import torch
 
+from lockstep.config import DataConfig
 from lockstep.data.collate import collate
-from lockstep.data.dataset import Samples
+from lockstep.data.dataset import Samples, check_files
 from lockstep.data.order import DATA_STREAM, PAD
 from lockstep.data.render import IGNORE
 from lockstep.dist import Dist, all_reduce_sum
@@ -38,18 +40,28 @@ def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samp
     return samples.subset(train, "train-part"), samples.subset(val, "validation")
 
 
-def eval_split(cfg, samples: Samples, tokenizer, seed: int) -> tuple[Samples, Samples | None]:
-    """(train samples, eval samples or None) per data.eval / data.val_fraction."""
-    from lockstep.data import cache
+def eval_data(cfg) -> DataConfig | None:
+    """The data section that reads data.eval's datasets as its own (None without data.eval),
+    every other data setting as the training data's. A missing file is named as data.eval.N."""
+    if not cfg.data.eval:
+        return None
+    data = cfg.data.model_copy(update={"train": cfg.data.eval})
+    check_files(data, "data.eval")
+    return data
 
+
+def eval_split(
+    cfg, samples: Samples, seed: int, load: Callable[[DataConfig], Samples]
+) -> tuple[Samples, Samples | None]:
+    """(train samples, eval samples or None) per data.eval / data.val_fraction.
+
+    `load`: how data.eval is read and tokenised (a run: rank 0 builds and caches, the other
+    ranks read its cache; `lockstep eval`: in this process).
+    """
     if cfg.data.val_fraction:
         return split_validation(samples, cfg.data.val_fraction, seed)
-    if cfg.data.eval:
-        held, _ = cache.load_or_build(
-            cfg.data.model_copy(update={"train": cfg.data.eval}), tokenizer
-        )
-        return samples, held
-    return samples, None
+    data = eval_data(cfg)
+    return samples, (load(data) if data is not None else None)
 
 
 @torch.no_grad()

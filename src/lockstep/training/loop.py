@@ -15,7 +15,7 @@ import torch.distributed as tdist
 from tqdm import tqdm
 
 from lockstep import config as config_mod
-from lockstep.config import RunConfig
+from lockstep.config import DataConfig, RunConfig
 from lockstep.data import cache, templates
 from lockstep.data.dataset import Samples, describe
 from lockstep.data.loader import micro_batches
@@ -25,6 +25,7 @@ from lockstep.dist import (
     agree_seed,
     check_lockstep,
     derive_seed,
+    main_first,
     params_checksum,
 )
 from lockstep.errors import TrainingError
@@ -65,17 +66,17 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     log = logmod.get()
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
-    if d.is_main:
-        for leftover in checkpoint.clean_incomplete(ckpt_root):
-            log.info(f"removed an incomplete checkpoint: {leftover}")
-    if d.distributed:
-        tdist.barrier()
+    with main_first(d):  # deleting a large leftover may take longer than launch.timeout_s
+        if d.is_main:
+            for leftover in checkpoint.clean_incomplete(ckpt_root):
+                log.info(f"removed an incomplete checkpoint (an interrupted save): {leftover}")
     resume_from = checkpoint.find_resume(cfg)
     loaded = checkpoint.read(resume_from) if resume_from else None
     if loaded:
         checkpoint.check_config_change(loaded, cfg)
-    elif cfg.checkpoint.overwrite and d.is_main:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+    with main_first(d):
+        if not loaded and cfg.checkpoint.overwrite and d.is_main:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
 
     # a configured seed wins (a changed one is refused above unless forced); null inherits
     inherited = loaded.state["seed"] if loaded and cfg.seed is None else cfg.seed
@@ -89,8 +90,10 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         log.info(f"output: {out.resolve()}  seed: {seed}  config_hash: {chash}")
 
     tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
-    samples = build_samples(cfg, d, tokenizer)
-    samples, eval_samples = eval_split(cfg, samples, tokenizer, seed)
+    samples = build_samples(cfg.data, d, tokenizer, "the training data")
+    samples, eval_samples = eval_split(
+        cfg, samples, seed, lambda data: build_samples(data, d, tokenizer, "the eval data")
+    )
     if loaded:
         checkpoint.check_data_change(loaded, samples.fingerprint, cfg)
     if cfg.testing.desync == "data" and d.rank == cfg.testing.desync_rank:
@@ -136,7 +139,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         0 if opts.debug else cfg.data.num_workers, d.device.type == "cuda", attn.varlen,
     )  # fmt: skip
 
-    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, tokenizer)
+    saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, tokenizer, d.world_size)
     if d.is_main:
         truncate_after(out / "metrics.jsonl", start_step)  # rows past the checkpoint: redone
     tb_dir = out / "tensorboard" if cfg.log.tensorboard else None
@@ -146,7 +149,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     bar = tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train", unit="step",
                mininterval=0.5)  # fmt: skip
     start = time.perf_counter()
-    window_tokens, window_losses, window_start = 0, [], start
+    # the losses since the last logged step, kept in checkpoints: a resume logs the same rows
+    window_tokens, window_losses, window_start = 0, checkpoint.log_window(loaded), start
     try:
         for step in range(start_step, steps):
             if cfg.testing.fail_at_step == step + 1 and cfg.testing.fail_rank == rank:
@@ -192,13 +196,12 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
             signum = stop.agreed(d)
             every = cfg.checkpoint.every_steps
             if signum or done == steps or (every and done % every == 0):
-                path = (
-                    None
-                    if opts.as_rank
-                    else save_checkpoint(  # a replay saves nothing
-                        cfg, d, saver, engine, optimizer, scheduler, samples, order, done
-                    )
-                )
+                path = None  # a replay saves nothing
+                if not opts.as_rank:
+                    path = save_checkpoint(
+                        cfg, d, saver, engine, optimizer, scheduler, samples, order, done,
+                        window_losses,
+                    )  # fmt: skip
                 if signum:
                     raise Preempted(signum, done, path)
     finally:
@@ -248,15 +251,15 @@ def hold_frozen_in_compute_dtype(cfg: RunConfig, model: torch.nn.Module) -> int:
     return cast
 
 
-def build_samples(cfg: RunConfig, d: Dist, tokenizer) -> Samples:
-    """Rank 0 tokenises (or finds the cache); the other ranks wait, then read what it wrote."""
-    if d.is_main:
-        samples, how = cache.load_or_build(cfg.data, tokenizer)
-        logmod.get().info(f"data: {how}")
-    if d.distributed:
-        tdist.barrier()
+def build_samples(data: DataConfig, d: Dist, tokenizer, what: str) -> Samples:
+    """Rank 0 tokenises (or finds the cache); the other ranks wait for it as long as it takes
+    (not launch.timeout_s), then read what it wrote. `what`: the data, for the log."""
+    with main_first(d, f"reads or tokenises {what}"):
+        if d.is_main:
+            samples, how = cache.load_or_build(data, tokenizer)
+            logmod.get().info(f"{what}: {how}")
     if not d.is_main:
-        samples, _ = cache.load_or_build(cfg.data, tokenizer, write=False)
+        samples, _ = cache.load_or_build(data, tokenizer, write=False)
     return samples
 
 
@@ -304,9 +307,11 @@ def train_step(
 def save_checkpoint(
     cfg: RunConfig, d: Dist, saver: checkpoint.Saver, engine: torch.nn.Module,
     optimizer: torch.optim.Optimizer, scheduler, samples: Samples, order: Order, done: int,
+    log_window: list[float],
 ) -> Path:  # fmt: skip
     """Verify lockstep, then every rank writes its RNG state (and its shard, with FSDP) and
-    rank 0 completes the folder."""
+    rank 0 completes the folder while the others wait (as long as that takes).
+    `log_window`: the losses of the steps since the last logged one."""
     bare = parallel.unwrap(engine)
     check_lockstep(
         fingerprint_fields(cfg, samples, order, bare.model, done), d, f"checkpoint {done}"
@@ -317,20 +322,20 @@ def save_checkpoint(
     if d.distributed:
         tdist.barrier()
     path = saver.root / checkpoint.folder_name(done)
-    if d.is_main:
-        state = {
-            "step": done,
-            "epoch": order.epoch_of(done),
-            "samples_consumed": done * order.global_size,
-            "seed": cfg.seed,
-            "config_hash": config_mod.config_hash(cfg),
-            "world_size": d.world_size,
-            "lockstep_version": _version(),
-            "data_fingerprint": samples.fingerprint,
-        }
-        path = saver.write_shared(done, bare.model, optimizer, scheduler, state, cfg)
-    if d.distributed:
-        tdist.barrier()
+    with main_first(d):
+        if d.is_main:
+            state = {
+                "step": done,
+                "epoch": order.epoch_of(done),
+                "samples_consumed": done * order.global_size,
+                "seed": cfg.seed,
+                "config_hash": config_mod.config_hash(cfg),
+                "world_size": d.world_size,
+                "lockstep_version": _version(),
+                "data_fingerprint": samples.fingerprint,
+                "log_window": list(log_window),
+            }
+            path = saver.write_shared(done, bare.model, optimizer, scheduler, state, cfg)
     return path
 
 
