@@ -12,11 +12,16 @@ from lockstep.report.metrics import read
 EVAL_DATA = ROOT / "examples" / "data" / "demo_eval.jsonl"
 
 
-@pytest.mark.parametrize("held_out", ["eval_file", "val_fraction"])
-def test_eval_loss_in_metrics_equals_lockstep_eval(tmp_path, held_out):
+@pytest.mark.parametrize(
+    ("held_out", "dtype"),
+    [("eval_file", "float32"), ("val_fraction", "float32"), ("eval_file", "bfloat16")],
+)
+def test_eval_loss_in_metrics_equals_lockstep_eval(tmp_path, held_out, dtype):
+    """Also in the run's precision: bf16 mixed evaluates under bf16 autocast, as training did."""
     data = ({"eval": [{"path": str(EVAL_DATA)}]} if held_out == "eval_file"
             else {"val_fraction": 0.05})  # fmt: skip
-    cfg = small_config(tmp_path, data=data, train={"max_steps": 6}, eval={"every_steps": 3},
+    cfg = small_config(tmp_path, data={**data, "padding_free": False}, model={"dtype": dtype},
+                       train={"max_steps": 6}, eval={"every_steps": 3},
                        checkpoint={"every_steps": 3})  # fmt: skip
     res = run_cli("train", str(cfg))
     assert res.returncode == 0, res.stderr

@@ -99,6 +99,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lockstep import config, dist
     from lockstep.data import cache
     from lockstep.export import model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
+    from lockstep.training import parallel
     from lockstep.training.evaluate import eval_data, eval_split, evaluate
 
     cfg = config.load(args.config, args.overrides)
@@ -111,9 +112,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     _, held = eval_split(cfg, samples, trained_cfg.seed, load)
     if held is None:
         raise config.ConfigError("nothing to evaluate on: set data.eval or data.val_fraction")
-    d = dist.Dist()
-    result = evaluate(model.to(d.device), held, d, cfg.batch.micro_size, tokenizer.pad_token_id)
-    print(json.dumps({"checkpoint": str(ckpt), **result}))
+    d = dist.Dist(device=dist.default_device())  # a GPU when there is one, in the run's precision
+    precision = parallel.autocast(trained_cfg, d)
+    result = evaluate(
+        model.to(d.device), held, d, cfg.batch.micro_size, tokenizer.pad_token_id,
+        precision=precision,
+    )  # fmt: skip
+    print(json.dumps({"checkpoint": str(ckpt), **result, "device": str(d.device)}))
     return 0
 
 

@@ -35,13 +35,18 @@ class Dist:
         return self.rank == 0
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """The CUDA device of this local rank when there is one, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def setup(timeout_s: float = 300.0) -> Dist:
     """Join the process group when started by torchrun; otherwise a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    device = default_device(local_rank)
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if world > 1 and not tdist.is_initialized():
