@@ -26,7 +26,7 @@ from lockstep.model.load import load_model, load_tokenizer
 from lockstep.report.metrics import read
 from lockstep.training.loss import CausalLMLoss
 
-FAMILIES = list(ARCHS)
+ARCH_NAMES = list(ARCHS)
 MOE = ["qwen3-moe", "mixtral"]
 RECORDS = [
     {"instruction": "Uppercase the words.", "input": f"word{i} river {'stone ' * (i % 5)}",
@@ -39,7 +39,7 @@ RECORDS = [
 def models(tmp_path_factory) -> dict:
     """arch -> a Hugging Face folder of its tiny random model (built once per module)."""
     root = tmp_path_factory.mktemp("families")
-    return {arch: save_tiny_model(root / arch, arch) for arch in FAMILIES}
+    return {arch: save_tiny_model(root / arch, arch) for arch in ARCH_NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def train_in_process(cfg, capfd, *overrides: str) -> str:
 # ---------------------------------------------------------------- blocks, freeze, LoRA
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_blocks_are_found_and_freeze_trains_the_last(arch, models):
     model = load_model(model_config(models[arch]), init_seed=0)
     prefix, blocks = adapters.find_blocks(model)
@@ -100,7 +100,7 @@ def test_blocks_of_a_model_that_names_none(models):
         adapters.blocks(torch.nn.Linear(2, 2))
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_lora_wraps_every_block_and_its_adapters_get_gradients(arch, models, data_file):
     folder = models[arch]
     tok = load_tokenizer(model_config(folder))
@@ -119,7 +119,7 @@ def test_lora_wraps_every_block_and_its_adapters_get_gradients(arch, models, dat
 # ---------------------------------------------------------------- packing
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_packed_rows_give_each_sample_its_own_logits_and_loss(arch, models, data_file):
     """Two packed rows in one micro-batch, through lockstep's collate and loss: each sample's
     logits equal its logits alone, and the batch's summed loss is the samples' losses summed."""
@@ -153,7 +153,7 @@ def test_packed_rows_give_each_sample_its_own_logits_and_loss(arch, models, data
 # ---------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_trains_packed_in_process(arch, models, data_file, tmp_path, capfd):
     cfg = family_config(tmp_path, models[arch], data_file, data={"packing": True})
     log = train_in_process(cfg, capfd)
@@ -232,7 +232,7 @@ def chat_answers(**models: str) -> dict[str, str]:
 
 
 @pytest.mark.slow  # four CLI runs and two chats per family (~90 s on two busy cores)
-@pytest.mark.parametrize("arch", FAMILIES)
+@pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_cli_trains_exports_and_chats(arch, models, data_file, tmp_path):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM

@@ -209,7 +209,11 @@ def lora_targets(model: torch.nn.Module) -> str:
     experts.gate_up_proj x 2 layers' (a wrapped parameter is named with its module)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    prefix, layers = find_blocks(model)
+    try:
+        prefix, layers = find_blocks(model)
+        count = len(layers)
+    except ModelError:  # blocks unknown: every wrapped module by its full name
+        prefix, count = None, 0
     where: dict[str, set[int]] = {}  # kind -> block indices, in the order met
     params = set()  # the kinds that are parameters (LoRA on a parameter, e.g. 3-D experts)
     for name, module in model.named_modules():
@@ -220,7 +224,7 @@ def lora_targets(model: torch.nn.Module) -> str:
         if param:
             name = f"{name}.{param}"
         index, _, inner = name.removeprefix(f"{prefix}.").partition(".")
-        in_block = name.startswith(f"{prefix}.") and index.isdigit()
+        in_block = prefix is not None and name.startswith(f"{prefix}.") and index.isdigit()
         kind = inner if in_block else name  # outside the blocks: e.g. the output head
         indices = where.setdefault(kind, set())
         if in_block:
@@ -236,7 +240,7 @@ def lora_targets(model: torch.nn.Module) -> str:
     parts = []
     for indices, kinds in groups.items():
         n = len(indices)
-        span = f" x {n} layers" if n == len(layers) else f" x {n} of {len(layers)} layers"
+        span = f" x {n} layers" if n == count else f" x {n} of {count} layers"
         parts.append(", ".join(kinds) + (span if n else ""))
     return "; ".join(parts)
 
