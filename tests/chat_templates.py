@@ -483,3 +483,64 @@ def save_family_model(folder: Path, fam: Family, template: str | None = None) ->
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# Tiny random models of the architectures people fine-tune: the transformers config class, its
+# settings (hidden 32, 2 blocks), and the chat template family its tokenizer gets (None: the
+# built-in tokenizer's ChatML). Each keeps what sets its family apart: tied embeddings (Llama),
+# fused 3-D experts (Qwen3-MoE, Mixtral), soft-capping and sliding windows (Gemma-2/3), q/k
+# norms (Qwen3, OLMo-2), fused qkv (Phi-3, GPT-NeoX), blocks under transformer.h (GPT-2).
+_DECODER = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+_MOE = {"num_experts_per_tok": 2, "moe_intermediate_size": 32}
+ARCHS: dict[str, tuple[str, dict, str | None]] = {
+    "llama": ("LlamaConfig", {**_DECODER, "tie_word_embeddings": True}, "llama3.1"),
+    "qwen2": ("Qwen2Config", _DECODER, "qwen2.5"),
+    "qwen3": ("Qwen3Config", {**_DECODER, "head_dim": 8}, "qwen3"),
+    "qwen3-moe": ("Qwen3MoeConfig", {**_DECODER, **_MOE, "head_dim": 8, "num_experts": 4},
+                  "qwen3"),
+    "mixtral": ("MixtralConfig", {**_DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+                "mistral-v0.1"),
+    "gemma2": ("Gemma2Config", {**_DECODER, "head_dim": 8, "sliding_window": 16}, "gemma2"),
+    "gemma3": ("Gemma3TextConfig", {**_DECODER, "head_dim": 8, "sliding_window": 16},
+               "gemma3"),
+    "phi3": ("Phi3Config", _DECODER, "phi3.5"),
+    "mistral": ("MistralConfig", _DECODER, "mistral-v0.3"),
+    "gpt-neox": ("GPTNeoXConfig", {"hidden_size": 32, "intermediate_size": 64,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4,
+                                   "max_position_embeddings": 256}, None),
+    "olmo2": ("Olmo2Config", _DECODER, "olmo2"),
+    "gpt2": ("GPT2Config", {"n_embd": 32, "n_inner": 64, "n_layer": 2, "n_head": 4,
+                            "n_positions": 256}, None),
+}  # fmt: skip
+
+
+def save_tiny_model(folder: Path, arch: str, seed: int = 0) -> Path:
+    """A tiny random model of `arch` (a key of ARCHS) with its family's tokenizer, as a Hugging
+    Face folder (what a user's save_pretrained model is)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    config_class, settings, family = ARCHS[arch]
+    tok = (
+        family_tokenizer(FAMILIES[family])
+        if family
+        else AutoTokenizer.from_pretrained(BUILTIN_DIR / "tiny")
+    )
+    config = getattr(transformers, config_class)(
+        **settings, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

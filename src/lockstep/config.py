@@ -67,6 +67,11 @@ class LoraSettings(Section):
     dropout: Annotated[FiniteFloat, Field(ge=0, lt=1)] = 0.0
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
     """`all-linear`: every linear layer of the blocks (not the output head); or module names."""
+    target_parameters: Literal["experts"] | list[str] = []
+    """LoRA on parameters rather than modules: the experts of a mixture-of-experts model, which
+    transformers stores as 3-D parameters (no linear layer to wrap). `experts`: every 3-D
+    parameter of the blocks; or names (a parameter name or its end, e.g.
+    [mlp.experts.gate_up_proj, mlp.experts.down_proj]). Needs peft >= 0.17 and dropout 0."""
     use_rslora: bool = False
     use_dora: bool = False
     quantize: Literal["4bit", "8bit"] | None = None

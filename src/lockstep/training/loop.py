@@ -381,6 +381,7 @@ def _log_plan(
         f"samples = {world} process(es) x {order.accumulation} accumulation x "
         f"{order.micro_size} micro-batch; {trainable / 1e6:.2f}M trainable parameters"
     )
+    log.info(f"finetune: {adapters.describe(cfg.finetune, model)}")
     log.info(
         f"micro-batches: {'padding-free rows' if free else 'padded rows'}"
         f"{', grouped by length' if cfg.data.group_by_length else ''} (data.padding_free="
