@@ -6,10 +6,13 @@ import datetime
 import hashlib
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as tdist
+
+FINAL_WAIT_S = 3600.0  # how long the other ranks wait at the end for rank 0's final writes
 
 
 @dataclass(frozen=True)
@@ -18,10 +21,17 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 0  # processes on this node (torchrun's LOCAL_WORLD_SIZE); 0: all
+    # a CPU-side (gloo) group with a long timeout, for the wait at the end of a run (teardown)
+    end_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def per_node(self) -> int:
+        return self.local_world_size or self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -33,6 +43,7 @@ def setup(timeout_s: float = 300.0) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
@@ -43,12 +54,27 @@ def setup(timeout_s: float = 300.0) -> Dist:
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=device if cuda else None,
         )
-    return Dist(rank, world, local_rank, device)
+    end_group = None
+    if world > 1:
+        wait = datetime.timedelta(seconds=max(timeout_s, FINAL_WAIT_S))
+        end_group = tdist.new_group(backend="gloo", timeout=wait)
+    return Dist(rank, world, local_rank, device, per_node, end_group)
 
 
-def teardown() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+def teardown(d: Dist | None = None, finished: bool = False) -> None:
+    """Leave the process group in order.
+
+    After a finished run (`finished`), every rank first waits until all of them got here, so
+    none destroys the group (and exits) while rank 0 still writes final/ and the loss plot:
+    on a gloo group with a timeout of FINAL_WAIT_S, since writing a large model can take
+    longer than launch.timeout_s, and a wait on the CPU holds no GPU collective open. After a
+    failure there is no wait: the other ranks may never arrive.
+    """
+    if not tdist.is_initialized():
+        return
+    if finished and d is not None and d.end_group is not None:
+        tdist.barrier(group=d.end_group)
+    tdist.destroy_process_group()
 
 
 def agree_seed(seed: int | None, d: Dist) -> int:
@@ -83,16 +109,25 @@ def _comm_device(d: Dist) -> torch.device:
 
 
 def params_checksum(model: torch.nn.Module) -> str:
-    """A cheap checksum of the trainable parameters (per-tensor float64 sum and sum of squares)."""
+    """A cheap checksum of this rank's own trainable weights: per tensor, its sum and its norm,
+    reduced in float64 where the tensor lives (no float64 copy, nothing gathered), then one
+    small transfer to the CPU.
+
+    The weights must be whole on this rank: with FSDP call it before sharding (a shard is a
+    different slice on every rank, and gathering the shards would show every rank the same
+    values, hiding a rank that built different weights).
+    """
     stats = []
     for p in model.parameters():
         if p.requires_grad:
             t = p.detach()
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP shard: gather it
-            stats.append(torch.stack([t.double().sum(), t.double().square().sum()]))
+            if hasattr(t, "to_local"):
+                raise ValueError("params_checksum needs whole weights; this one is an FSDP shard")
+            f64 = torch.float64
+            stats.append(torch.stack([t.sum(dtype=f64), torch.linalg.vector_norm(t, dtype=f64)]))
     if not stats:
         return "no trainable parameters"
-    flat = torch.cat(stats).cpu().numpy().tobytes()
+    flat = torch.stack(stats).cpu().numpy().tobytes()
     return hashlib.sha256(flat).hexdigest()[:16]
 
 

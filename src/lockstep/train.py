@@ -26,6 +26,7 @@ from lockstep.data.dataset import check_files  # noqa: E402
 from lockstep.errors import LaunchError, LockstepError, report  # noqa: E402
 from lockstep.model import adapters  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
+from lockstep.training import parallel  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
 from lockstep.training.preempt import Preempted  # noqa: E402
 
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     check_files(cfg.data)
     adapters.check_supported(cfg.finetune)
+    parallel.check_supported(cfg)
     opts = options(args)
     how = launch.launcher(os.environ, via_lockstep)
     refusal = launch.guard(how, launch.visible_gpus(), opts.debug)
@@ -91,6 +93,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
         raise LaunchError("--debug runs one process; start it without torchrun")
     d = dist.setup(cfg.launch.timeout_s)
     logmod.setup(d.rank, d.world_size)
+    finished = False  # every rank got to the end of the run together (the final wait is safe)
     try:
         if opts.debug:
             _enter_debug_mode(cfg, opts)
@@ -101,8 +104,12 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
         from lockstep.training.loop import run as train_loop
 
         train_loop(cfg, d, opts)
+        finished = True
+    except Preempted:
+        finished = True  # every rank stops after the same step's checkpoint
+        raise
     finally:
-        dist.teardown()
+        dist.teardown(d, finished)
     return 0
 
 

@@ -102,6 +102,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     steps = total_steps(cfg, order)
     free = parallel.padding_free(cfg, d, samples.stats["tokens"] / max(len(samples), 1))
     model = build_model(cfg, seed, d, shared_rows=free or cfg.data.packing)
+    # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
+    built = params_checksum(model) if parallel.sharded(cfg, d) else None
     engine = parallel.prepare(cfg, d, model)  # FSDP shards the model's parameters in place
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
@@ -121,7 +123,10 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     if not rng_restored:  # a new run, or a rank the checkpoint's world did not have
         seed_rank_rngs(seed, rank, start_step)
     _log_plan(cfg, samples, order, steps, world, model, free)
-    check_lockstep(fingerprint_fields(cfg, samples, order, model, start_step), d, "after building")
+    weights = built or params_checksum(model)
+    check_lockstep(
+        fingerprint_fields(cfg, samples, order, weights, start_step), d, "after building"
+    )
     engine = parallel.replicate(cfg, d, engine)
     batches = micro_batches(
         samples, order, rank, start_step, steps, tokenizer.pad_token_id, free,
@@ -200,8 +205,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         if ids_log:
             ids_log.close()
 
-    # with FSDP each rank holds a shard: all of them gather the full weights on rank 0
-    full = sharded.full_state(engine) if parallel.sharded(cfg, d) and not opts.as_rank else None
+    full = final_state(cfg, d, engine, model) if not opts.as_rank else None
     if d.is_main and not opts.as_rank:
         final = save_final(model, tokenizer, out, cfg, full)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
@@ -221,10 +225,21 @@ def build_model(cfg: RunConfig, seed: int, d: Dist, shared_rows: bool) -> torch.
     mcfg = cfg.model.model_copy(update={"attn_implementation": attn})
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     if not quantize:  # a quantised model is placed on its device as it loads
-        model = model.to(d.device)
+        model = model.to(parallel.load_device(cfg, d))  # FSDP: the CPU, until it is sharded
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
     model.train()
     return model
+
+
+def final_state(
+    cfg: RunConfig, d: Dist, engine: torch.nn.Module, model: torch.nn.Module
+) -> dict[str, torch.Tensor] | None:
+    """With FSDP, the weights final/ needs, gathered from every rank's shards onto rank 0's CPU
+    (a collective): a LoRA adapter only (its frozen base is never gathered), every weight for a
+    full or freeze run. None without FSDP: the model itself holds them."""
+    if not parallel.sharded(cfg, d):
+        return None
+    return sharded.full_state(engine, trainable_only=adapters.is_peft(model))
 
 
 def build_samples(cfg: RunConfig, d: Dist, tokenizer) -> Samples:
@@ -282,9 +297,9 @@ def save_checkpoint(
     """Verify lockstep, then every rank writes its RNG state (and its shard, with FSDP) and
     rank 0 completes the folder."""
     bare = parallel.unwrap(engine)
-    check_lockstep(
-        fingerprint_fields(cfg, samples, order, bare.model, done), d, f"checkpoint {done}"
-    )
+    # FSDP: each weight lives on one rank only, so there is nothing to compare; it was when built
+    weights = "sharded" if parallel.sharded(cfg, d) else params_checksum(bare.model)
+    check_lockstep(fingerprint_fields(cfg, samples, order, weights, done), d, f"checkpoint {done}")
     saver.write_rank_files(done)
     if cfg.train.strategy == "fsdp":
         saver.write_sharded(done, bare, optimizer)
@@ -358,9 +373,10 @@ def _log_plan(
 
 
 def fingerprint_fields(
-    cfg: RunConfig, samples: Samples, order: Order, model: torch.nn.Module, step: int = 0
+    cfg: RunConfig, samples: Samples, order: Order, weights: str, step: int = 0
 ) -> dict[str, str]:
-    """What every rank must agree on before (and while) training together."""
+    """What every rank must agree on before (and while) training together; `weights`: the
+    params_checksum of this rank's trainable weights."""
     import transformers
 
     return {
@@ -372,7 +388,7 @@ def fingerprint_fields(
         "data_fingerprint": samples.fingerprint,
         "num_samples": str(len(samples)),
         "next_batch_sha": batch_sha(order.global_batch(step)),
-        "params_checksum": params_checksum(model),
+        "params_checksum": weights,
     }
 
 
