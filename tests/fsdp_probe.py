@@ -1,17 +1,22 @@
-"""Started by tests/test_fsdp.py under torchrun: what one rank holds while it trains.
+"""Started by tests/test_fsdp.py under torchrun, to see what one rank holds and when it ends.
 
-`python -m torch.distributed.run ... tests/fsdp_probe.py CFG OUT_DIR [key=value ...]` builds the
-model with lockstep's own functions (loop.build_model, parallel.prepare/replicate), runs one
-optimizer step of two accumulated micro-batches through parallel.gradient_sync, counts the bytes
-of every tensor the process holds after each backward, gathers what final/ needs
-(loop.final_state), and writes OUT_DIR/rank-R.json.
+`python -m torch.distributed.run ... tests/fsdp_probe.py MODE CFG OUT_DIR [key=value ...]`:
+
+- `hold`: builds the model with lockstep's own functions (loop.build_model,
+  parallel.prepare/replicate), runs one optimizer step of two accumulated micro-batches through
+  parallel.gradient_sync, counts the bytes of every tensor the process holds after each
+  backward, gathers what final/ needs (loop.final_state); writes OUT_DIR/rank-R.json.
+- `end`: a whole run through lockstep.train.main; writes OUT_DIR/rank-R.json with the time
+  main returned on this rank (its process group already torn down).
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -38,9 +43,8 @@ def held_bytes() -> int:
     return sum(storages.values())
 
 
-def main() -> None:
-    cfg = config.load(sys.argv[1], sys.argv[3:])
-    out = Path(sys.argv[2])
+def hold(cfg_path: str, out: Path, overrides: list[str]) -> None:
+    cfg = config.load(cfg_path, overrides)
     d = dist.setup(60.0)
     model = loop.build_model(cfg, cfg.seed, d, shared_rows=False)
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -62,5 +66,13 @@ def main() -> None:
     dist.teardown(d, finished=True)
 
 
+def end(cfg_path: str, out: Path, overrides: list[str]) -> None:
+    from lockstep import train
+
+    code = train.main([cfg_path, *overrides])
+    rank = os.environ["RANK"]
+    (out / f"rank-{rank}.json").write_text(json.dumps({"code": code, "returned": time.time()}))
+
+
 if __name__ == "__main__":
-    main()
+    {"hold": hold, "end": end}[sys.argv[1]](sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
