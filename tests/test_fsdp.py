@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,12 +226,25 @@ def test_fsdp_lora_gathers_only_the_adapter_for_final(tmp_path):
 
 
 def start(cfg, *args: str) -> subprocess.Popen:
-    """`lockstep train` in its own session, so that kill -9 can take the whole job down."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         [sys.executable, "-m", "lockstep", "train", str(cfg), *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def kill_9_job(cfg) -> list[int]:
+    """SIGKILL every process of the run of `cfg` (lockstep, torchrun and each rank: torchrun
+    starts the ranks in sessions of their own), as if the machine died."""
+    killed = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(cfg).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed.append(int(proc.name))
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
 
 
 def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -264,7 +278,7 @@ def test_fsdp_with_frozen_weights_resumes_exactly_after_kill_9_and_exports(tmp_p
     cfg = small_config(tmp_path / "cut", **sections)
     proc = start(cfg, *args)
     wait_for_step(tmp_path / "cut" / "out", 5, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job, as if the node died
+    assert len(kill_9_job(cfg)) >= 3  # lockstep, torchrun, 2 ranks
     proc.communicate()
     assert not (tmp_path / "cut" / "out" / "final").exists()
     res = run_cli("train", str(cfg), *args)
@@ -317,3 +331,45 @@ def test_every_rank_waits_for_rank_0s_final_writes(tmp_path):
     assert [r["code"] for r in ranks] == [0, 0]
     written = (tmp_path / "end" / "out" / "loss.png").stat().st_mtime  # after final/
     assert ranks[1]["returned"] >= written, written - ranks[1]["returned"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@slow
+def test_two_nodes_train_as_hsdp_with_ddps_numbers(runs):
+    """Two "nodes" of one process each (same machine): a 2-D mesh, replicated across nodes."""
+    folder = runs["tmp"] / "hsdp"
+    folder.mkdir()
+    cfg = small_config(folder, **SECTIONS)
+    port = str(_free_port())
+    nodes = [
+        start(
+            cfg,
+            "--nnodes",
+            "2",
+            "--node-rank",
+            str(n),
+            "--nproc-per-node",
+            "1",
+            "--master-port",
+            port,
+            "train.strategy=fsdp",
+        )  # fmt: skip
+        for n in range(2)
+    ]
+    results = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], results[0][1][-3000:]
+    assert "HSDP over 2 nodes: sharded within a node (1 process(es))" in results[0][1]
+    ddp, hsdp = train_rows(runs["ddp"]), train_rows(folder / "out")
+    assert [r["batch_sha"] for r in hsdp] == [r["batch_sha"] for r in ddp]
+    assert [r["loss"] for r in hsdp] == pytest.approx([r["loss"] for r in ddp], rel=1e-4)
+    a = load_file(runs["ddp"] / "final" / "model.safetensors")
+    b = load_file(folder / "out" / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)

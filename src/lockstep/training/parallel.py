@@ -26,6 +26,7 @@ from lockstep.dist import Dist
 from lockstep.errors import ConfigError
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES
+from lockstep.report import log as logmod
 from lockstep.training.loss import CausalLMLoss
 
 CPU_ROW_LIMIT = 1024  # tokens: longer padding-free rows cost more in CPU attention than padding
@@ -146,6 +147,13 @@ def shard(cfg: RunConfig, d: Dist, engine: CausalLMLoss) -> torch.nn.Module:
     shape = mesh_shape(d.world_size, d.per_node)
     names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
     mesh = init_device_mesh(d.device.type, shape, mesh_dim_names=names)
+    if len(shape) == 2:
+        logmod.get().info(
+            f"FSDP: HSDP over {shape[0]} nodes: sharded within a node ({shape[1]} "
+            "process(es)), replicated across nodes"
+        )
+    else:
+        logmod.get().info(f"FSDP: sharded over {shape[0]} processes")
     if mixed(cfg):
         policy = MixedPrecisionPolicy(
             param_dtype=DTYPES[cfg.model.dtype], reduce_dtype=torch.float32
