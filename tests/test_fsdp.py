@@ -185,6 +185,20 @@ def test_fsdp_builds_the_model_on_the_cpu_and_shards_it_from_there(tmp_path):
     assert parallel.load_device(cfg, one) == torch.device("cuda", 0)
 
 
+def test_weights_checksum_sees_one_changed_value_in_a_weight_larger_than_a_chunk():
+    import copy
+
+    from lockstep.dist import CHECKSUM_CHUNK, params_checksum
+
+    a = torch.nn.Linear(4100, 4100, bias=False)
+    assert a.weight.numel() > CHECKSUM_CHUNK  # summed in more than one piece
+    b = copy.deepcopy(a)
+    assert params_checksum(a) == params_checksum(b)
+    with torch.no_grad():
+        b.weight[-1, -1] += 1e-3
+    assert params_checksum(a) != params_checksum(b)
+
+
 # ---------------------------------------------------------------- memory (torchrun, 2 processes)
 
 

@@ -108,10 +108,13 @@ def _comm_device(d: Dist) -> torch.device:
 # ---------------------------------------------------------------- lockstep fingerprint check
 
 
+CHECKSUM_CHUNK = 1 << 24  # elements of a weight upcast to float64 at a time (128 MiB)
+
+
 def params_checksum(model: torch.nn.Module) -> str:
-    """A cheap checksum of this rank's own trainable weights: per tensor, its sum and its norm,
-    reduced in float64 where the tensor lives (no float64 copy, nothing gathered), then one
-    small transfer to the CPU.
+    """A cheap checksum of this rank's own trainable weights: per tensor, its float64 sum and
+    sum of squares, computed where the tensor lives, CHECKSUM_CHUNK elements at a time (never a
+    float64 copy of a whole weight), then one small transfer to the CPU.
 
     The weights must be whole on this rank: with FSDP call it before sharding (a shard is a
     different slice on every rank, and gathering the shards would show every rank the same
@@ -120,11 +123,13 @@ def params_checksum(model: torch.nn.Module) -> str:
     stats = []
     for p in model.parameters():
         if p.requires_grad:
-            t = p.detach()
-            if hasattr(t, "to_local"):
+            if hasattr(p, "to_local"):
                 raise ValueError("params_checksum needs whole weights; this one is an FSDP shard")
-            f64 = torch.float64
-            stats.append(torch.stack([t.sum(dtype=f64), torch.linalg.vector_norm(t, dtype=f64)]))
+            total = torch.zeros(2, dtype=torch.float64, device=p.device)
+            for chunk in p.detach().reshape(-1).split(CHECKSUM_CHUNK):
+                chunk = chunk.double()
+                total += torch.stack([chunk.sum(), chunk.square().sum()])
+            stats.append(total)
     if not stats:
         return "no trainable parameters"
     flat = torch.stack(stats).cpu().numpy().tobytes()
