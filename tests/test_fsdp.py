@@ -357,26 +357,15 @@ def _free_port() -> int:
 
 @slow
 def test_two_nodes_train_as_hsdp_with_ddps_numbers(runs):
-    """Two "nodes" of one process each (same machine): a 2-D mesh, replicated across nodes."""
+    """Two "nodes" of one process each (same machine): a 2-D mesh, replicated across nodes,
+    with 2 accumulated micro-batches (the all-reduce across nodes waits for the last)."""
     folder = runs["tmp"] / "hsdp"
     folder.mkdir()
     cfg = small_config(folder, **SECTIONS)
     port = str(_free_port())
-    nodes = [
-        start(
-            cfg,
-            "--nnodes",
-            "2",
-            "--node-rank",
-            str(n),
-            "--nproc-per-node",
-            "1",
-            "--master-port",
-            port,
-            "train.strategy=fsdp",
-        )  # fmt: skip
-        for n in range(2)
-    ]
+    args = ("--nnodes", "2", "--nproc-per-node", "1", "--master-port", port,
+            "train.strategy=fsdp", "batch.micro_size=2")  # fmt: skip
+    nodes = [start(cfg, *args, "--node-rank", str(n)) for n in range(2)]
     results = [node.communicate(timeout=300) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], results[0][1][-3000:]
     assert "HSDP over 2 nodes: sharded within a node (1 process(es))" in results[0][1]

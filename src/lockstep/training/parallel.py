@@ -172,7 +172,8 @@ def gradient_sync(engine: torch.nn.Module, last: bool) -> AbstractContextManager
     DDP: only after the last micro-batch of a step (accumulated locally before).
     FSDP: reduce-scattered after every micro-batch, so each rank only ever holds its shard of
     the gradients (deferring it would keep full-size unsharded gradients until the last
-    micro-batch). Over several nodes (HSDP) the all-reduce across nodes waits for the last one.
+    micro-batch); the price is one reduce-scatter per micro-batch instead of per step. Over
+    several nodes (HSDP) the all-reduce across nodes waits for the last micro-batch.
     """
     if isinstance(engine, torch.nn.parallel.DistributedDataParallel):
         return nullcontext() if last else engine.no_sync()
