@@ -226,7 +226,7 @@ def test_fsdp_holds_half_of_ddps_weights_and_gradients_with_accumulation(tmp_pat
         # half of each (2 ranks), also between micro-batches: no full-size gradient is kept
         assert fsdp_peak <= 0.55 * ddp_peak, (rank, fsdp_peak / ddp_peak)
     # a full fine-tune's final/ needs every weight: gathered on rank 0
-    assert "model.embed_tokens.weight" in {k for k in fsdp[0]["final_keys"]}
+    assert "model.embed_tokens.weight" in fsdp[0]["final_keys"]
 
 
 @slow
