@@ -23,12 +23,17 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    # a gloo group whose collectives wait up to WAIT_FOR_MAIN_S: see main_first
+    local_world_size: int = 0  # processes on this node (torchrun's LOCAL_WORLD_SIZE); 0: all
+    # a gloo group whose collectives wait up to WAIT_FOR_MAIN_S: see main_first and teardown
     wait_group: Any = field(default=None, compare=False, repr=False)
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def per_node(self) -> int:
+        return self.local_world_size or self.world_size
 
     @property
     def is_main(self) -> bool:
@@ -45,6 +50,7 @@ def setup(timeout_s: float = 300.0) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     device = default_device(local_rank)
     cuda = device.type == "cuda"
     if cuda:
@@ -60,7 +66,7 @@ def setup(timeout_s: float = 300.0) -> Dist:
         wait_group = tdist.new_group(
             backend="gloo", timeout=datetime.timedelta(seconds=WAIT_FOR_MAIN_S)
         )
-    return Dist(rank, world, local_rank, device, wait_group)
+    return Dist(rank, world, local_rank, device, per_node, wait_group)
 
 
 @contextmanager
@@ -82,9 +88,20 @@ def main_first(d: Dist, what: str = "") -> Iterator[None]:
         tdist.barrier(group=d.wait_group)
 
 
-def teardown() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+def teardown(d: Dist | None = None, finished: bool = False) -> None:
+    """Leave the process group in order.
+
+    After a finished run (`finished`), every rank first waits until all of them got here, so
+    none destroys the group (and exits) while rank 0 still writes final/ and the loss plot:
+    on the gloo group that waits up to WAIT_FOR_MAIN_S, since writing a large model can take
+    longer than launch.timeout_s, and a wait on the CPU holds no GPU collective open. After a
+    failure there is no wait: the other ranks may never arrive.
+    """
+    if not tdist.is_initialized():
+        return
+    if finished and d is not None and d.wait_group is not None:
+        tdist.barrier(group=d.wait_group)
+    tdist.destroy_process_group()
 
 
 def agree_seed(seed: int | None, d: Dist) -> int:
@@ -118,17 +135,31 @@ def _comm_device(d: Dist) -> torch.device:
 # ---------------------------------------------------------------- lockstep fingerprint check
 
 
+CHECKSUM_CHUNK = 1 << 24  # elements of a weight upcast to float64 at a time (128 MiB)
+
+
 def params_checksum(model: torch.nn.Module) -> str:
-    """A cheap checksum of the trainable parameters (per-tensor float64 sum and sum of squares)."""
+    """A cheap checksum of this rank's own trainable weights: per tensor, its float64 sum and
+    sum of squares, computed where the tensor lives, CHECKSUM_CHUNK elements at a time (never a
+    float64 copy of a whole weight), then one small transfer to the CPU.
+
+    The weights must be whole on this rank: with FSDP call it before sharding (a shard is a
+    different slice on every rank, and gathering the shards would show every rank the same
+    values, hiding a rank that built different weights).
+    """
     stats = []
     for p in model.parameters():
         if p.requires_grad:
-            t = p.detach()
-            t = t.full_tensor() if hasattr(t, "full_tensor") else t  # an FSDP shard: gather it
-            stats.append(torch.stack([t.double().sum(), t.double().square().sum()]))
+            if hasattr(p, "to_local"):
+                raise ValueError("params_checksum needs whole weights; this one is an FSDP shard")
+            total = torch.zeros(2, dtype=torch.float64, device=p.device)
+            for chunk in p.detach().reshape(-1).split(CHECKSUM_CHUNK):
+                chunk = chunk.double()
+                total += torch.stack([chunk.sum(), chunk.square().sum()])
+            stats.append(total)
     if not stats:
         return "no trainable parameters"
-    flat = torch.cat(stats).cpu().numpy().tobytes()
+    flat = torch.stack(stats).cpu().numpy().tobytes()
     return hashlib.sha256(flat).hexdigest()[:16]
 
 

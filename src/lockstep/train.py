@@ -27,6 +27,7 @@ from lockstep.data.dataset import check_files  # noqa: E402
 from lockstep.errors import LaunchError, LockstepError, first_line, report  # noqa: E402
 from lockstep.model import adapters  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
+from lockstep.training import parallel  # noqa: E402
 from lockstep.training.options import RunOptions, parse_as_rank  # noqa: E402
 from lockstep.training.preempt import Preempted  # noqa: E402
 
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     check_files(cfg.data)
     eval_data(cfg)  # a missing data.eval file, named as such, before anything starts
     adapters.check_supported(cfg.finetune)
+    parallel.check_supported(cfg)
     opts = options(args)
     how = launch.launcher(os.environ, via_lockstep)
     refusal = launch.guard(how, launch.visible_gpus(), opts.debug)
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
         raise LaunchError("--debug runs one process; start it without torchrun")
     d = dist.setup(cfg.launch.timeout_s)
     logmod.setup(d.rank, d.world_size)
+    finished = False  # every rank got to the end of the run together (the final wait is safe)
     try:
         if opts.debug:
             _enter_debug_mode(cfg, opts)
@@ -105,8 +108,12 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
 
         with rundir.hold(Path(cfg.output_dir), d):  # one run per output_dir at a time
             train_loop(cfg, d, opts)
+        finished = True
+    except Preempted:
+        finished = True  # every rank stops after the same step's checkpoint
+        raise
     finally:
-        dist.teardown()
+        dist.teardown(d, finished)
     return 0
 
 

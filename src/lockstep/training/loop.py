@@ -108,9 +108,9 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     shared_rows = free or cfg.data.packing
     attn = attention.choose(cfg.model, d.device, shared_rows, support)
     model = build_model(cfg, seed, d, attn)
-    if shared_rows:
-        dtype = DTYPES[cfg.model.dtype] if parallel.mixed(cfg) else None
-        attention.check_isolation(model, attn, d.device, dtype)
+    isolation = check_isolation(cfg, d, model, attn) if shared_rows else ""
+    # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
+    built = params_checksum(model) if parallel.sharded(cfg, d) else None
     engine = parallel.prepare(cfg, d, model)  # FSDP shards the model's parameters in place
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
@@ -130,9 +130,11 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     if not rng_restored:  # a new run, or a rank the checkpoint's world did not have
         seed_rank_rngs(seed, rank, start_step)
     _log_plan(cfg, samples, order, steps, world, model, free)
-    checked = "; checked: samples sharing a row do not see each other" if shared_rows else ""
-    log.info(f"attention: {model.config._attn_implementation} ({attn.reason}{checked})")
-    check_lockstep(fingerprint_fields(cfg, samples, order, model, start_step), d, "after building")
+    log.info(f"attention: {model.config._attn_implementation} ({attn.reason}{isolation})")
+    weights = built or params_checksum(model)
+    check_lockstep(
+        fingerprint_fields(cfg, samples, order, weights, start_step), d, "after building"
+    )
     engine = parallel.replicate(cfg, d, engine)
     batches = micro_batches(
         samples, order, rank, start_step, steps, tokenizer.pad_token_id, free,
@@ -211,8 +213,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         if ids_log:
             ids_log.close()
 
-    # with FSDP each rank holds a shard: all of them gather the full weights on rank 0
-    full = sharded.full_state(engine) if parallel.sharded(cfg, d) and not opts.as_rank else None
+    full = final_state(cfg, d, engine, model) if not opts.as_rank else None
     if d.is_main and not opts.as_rank:
         final = save_final(model, tokenizer, out, cfg, full)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
@@ -229,10 +230,23 @@ def build_model(cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice) -> t
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
     if not quantize:  # a quantised model is placed on its device as it loads
-        hold_frozen_in_compute_dtype(cfg, model)
-        model = model.to(d.device)
+        if not parallel.sharded(cfg, d):  # FSDP keeps one dtype per unit; its shards are small
+            hold_frozen_in_compute_dtype(cfg, model)
+        model = model.to(parallel.load_device(cfg, d))  # FSDP: the CPU, until it is sharded
     model.train()
     return model
+
+
+def check_isolation(cfg: RunConfig, d: Dist, model: torch.nn.Module, attn) -> str:
+    """Refuse a model whose samples see each other in a shared row (attention.check_isolation);
+    the note for the attention log line. Run where the model is: with FSDP that is the CPU
+    before sharding, where the GPU's variable-length kernel cannot run (then it is not run)."""
+    device = parallel.load_device(cfg, d)
+    if device.type != d.device.type and attn.varlen:
+        return "; samples sharing a row: kept apart by the varlen boundaries"
+    dtype = DTYPES[cfg.model.dtype] if parallel.mixed(cfg) else None
+    attention.check_isolation(model, attn, device, dtype)
+    return "; checked: samples sharing a row do not see each other"
 
 
 def hold_frozen_in_compute_dtype(cfg: RunConfig, model: torch.nn.Module) -> int:
@@ -249,6 +263,17 @@ def hold_frozen_in_compute_dtype(cfg: RunConfig, model: torch.nn.Module) -> int:
                 p.data = p.data.to(dtype)
                 cast += p.numel()
     return cast
+
+
+def final_state(
+    cfg: RunConfig, d: Dist, engine: torch.nn.Module, model: torch.nn.Module
+) -> dict[str, torch.Tensor] | None:
+    """With FSDP, the weights final/ needs, gathered from every rank's shards onto rank 0's CPU
+    (a collective): a LoRA adapter only (its frozen base is never gathered), every weight for a
+    full or freeze run. None without FSDP: the model itself holds them."""
+    if not parallel.sharded(cfg, d):
+        return None
+    return sharded.full_state(engine, trainable_only=adapters.is_peft(model))
 
 
 def build_samples(data: DataConfig, d: Dist, tokenizer, what: str) -> Samples:
@@ -313,9 +338,9 @@ def save_checkpoint(
     rank 0 completes the folder while the others wait (as long as that takes).
     `log_window`: the losses of the steps since the last logged one."""
     bare = parallel.unwrap(engine)
-    check_lockstep(
-        fingerprint_fields(cfg, samples, order, bare.model, done), d, f"checkpoint {done}"
-    )
+    # FSDP: each weight lives on one rank only, so there is nothing to compare; it was when built
+    weights = "sharded" if parallel.sharded(cfg, d) else params_checksum(bare.model)
+    check_lockstep(fingerprint_fields(cfg, samples, order, weights, done), d, f"checkpoint {done}")
     saver.write_rank_files(done)
     if cfg.train.strategy == "fsdp":
         saver.write_sharded(done, bare, optimizer)
@@ -390,9 +415,10 @@ def _log_plan(
 
 
 def fingerprint_fields(
-    cfg: RunConfig, samples: Samples, order: Order, model: torch.nn.Module, step: int = 0
+    cfg: RunConfig, samples: Samples, order: Order, weights: str, step: int = 0
 ) -> dict[str, str]:
-    """What every rank must agree on before (and while) training together."""
+    """What every rank must agree on before (and while) training together; `weights`: the
+    params_checksum of this rank's trainable weights."""
     import transformers
 
     return {
@@ -404,7 +430,7 @@ def fingerprint_fields(
         "data_fingerprint": samples.fingerprint,
         "num_samples": str(len(samples)),
         "next_batch_sha": batch_sha(order.global_batch(step)),
-        "params_checksum": params_checksum(model),
+        "params_checksum": weights,
     }
 
 

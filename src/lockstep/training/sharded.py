@@ -2,7 +2,9 @@
 
 A sharded checkpoint (CHECKPOINT/sharded/) holds the trainable weights and the optimizer state
 under their parameter names, so it loads into any number of processes, sharded or not: DCP
-reshards on load. The final model is gathered into one Hugging Face folder on rank 0.
+reshards on load. Frozen weights (the base of a LoRA or freeze run) are not in it: they are
+rebuilt from model.path (or the seed) exactly as they were, so loading fills only the trainable
+ones. The final model is gathered into one Hugging Face folder on rank 0.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ FOLDER = "sharded"
 
 
 def _options(full: bool = False):
+    """Trainable parameters only; loading leaves the frozen ones as built (strict=False: a frozen
+    parameter is absent by design, and a missing trainable one still fails in dcp.load)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True)
+    return StateDictOptions(
+        full_state_dict=full, cpu_offload=full, ignore_frozen_params=True, strict=False
+    )
 
 
 def save(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -72,11 +78,17 @@ def is_sharded(path: Path) -> bool:
     return (path / FOLDER).is_dir()
 
 
-def full_state(engine: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every weight of the language model, gathered on rank 0 (empty elsewhere); collective."""
+def full_state(engine: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """The language model's weights gathered on rank 0 (empty elsewhere); collective.
+
+    `trainable_only`: just the trained parameters (a LoRA adapter: the frozen base is neither
+    gathered nor copied to the CPU); otherwise every weight (full and freeze runs save the model).
+    """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
+    )
     state = get_model_state_dict(engine, options=options)
     prefix = "model."  # the loss module holds the language model as .model
     seen, tied = set(), set()  # tied weights (embeddings = LM head) are saved once
@@ -87,8 +99,3 @@ def full_state(engine: torch.nn.Module) -> dict[str, torch.Tensor]:
         for k, v in state.items()
         if k.startswith(prefix) and k[len(prefix) :] not in tied
     }
-
-
-def as_float(value: torch.Tensor) -> float:
-    """A scalar that may be a DTensor (FSDP's gradient norm)."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
