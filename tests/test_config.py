@@ -227,3 +227,46 @@ def test_qlora_with_fsdp_is_refused_before_any_work():
         config.validate(raw)
     raw["train"]["strategy"] = "ddp"
     assert config.validate(raw).finetune.lora.quantize == "4bit"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("batch.global_size=2147483648", "batch.global_size: got 2147483648: expected a number less than or equal to 1048576"),
+        ("finetune.lora.r=1000000000", "finetune.lora.r: got 1000000000: expected a number less than or equal to 4096"),
+    ],
+)  # fmt: skip
+def test_runaway_sizes_are_refused_with_their_bound(tmp_path, override, expected):
+    assert error_of(BASE, override, tmp_path=tmp_path) == f"invalid config: {expected}"
+
+
+def test_a_nul_character_in_any_value_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^output_dir: holds a NUL character"):
+        config.validate({**BASE, "output_dir": "runs/a\x00b"})
+    raw = {"data": {"train": [{"path": "x.jsonl"}, {"path": "y\x00.jsonl"}]}}
+    with pytest.raises(ConfigError, match=r"^data\.train\.1\.path: holds a NUL"):
+        config.validate(raw)
+
+
+def test_duplicate_keys_in_a_json_config_are_refused(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text('{"seed": 1, "data": {"train": [{"path": "x.jsonl"}]}, "seed": 2}')
+    with pytest.raises(ConfigError, match=r"c\.json: key 'seed' appears twice"):
+        config.load(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("finetune.lora.target_modules=5",
+         "finetune.lora.target_modules: got 5: allowed values are 'all-linear', or expected a valid list"),
+        ("launch.nproc_per_node=x", "launch.nproc_per_node: got 'x': allowed values are 'auto', or "
+         "expected a valid integer"),
+        ("data.padding_free=x", "data.padding_free: got 'x': allowed values are 'auto', or expected a valid boolean"),
+    ],
+)  # fmt: skip
+def test_a_union_is_one_line_without_the_schemas_type_names(tmp_path, override, expected):
+    msg = error_of(BASE, override, tmp_path=tmp_path)
+    assert msg.startswith(f"invalid config: {expected}") and "\n" not in msg
+    for internal in ("literal[", "list[str]", "constrained-", "function-", ".bool"):
+        assert internal not in msg

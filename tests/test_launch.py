@@ -309,3 +309,19 @@ def test_a_killed_or_stopped_rank_is_named(tmp_path, alpaca_file, sig, expected)
     assert proc.returncode != 0
     last = [line for line in err.splitlines() if line.startswith("lockstep: error")][-1]
     assert expected in last, err[-3000:]
+
+
+def test_dry_run_refuses_as_rank_without_debug(tmp_path):
+    res = run_cli("train", str(small_config(tmp_path)), "--dry-run", "--as-rank", "1/2")
+    assert res.returncode != 0
+    assert "--as-rank replays one rank in one process: add --debug" in res.stderr
+
+
+def test_a_hub_name_that_cannot_be_reached_fails_at_once(tmp_path):
+    t0 = time.monotonic()
+    res = run_cli("train", str(small_config(tmp_path)), "model.path=no-such-org/no-such-model",
+                  env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode != 0 and time.monotonic() - t0 < 30
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lockstep: error: model.path 'no-such-org/no-such-model' is not a local")
+    assert "HF_HUB_OFFLINE is set" in last and "huggingface-cli download" in last

@@ -22,6 +22,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = config.load(args.config, args.overrides)  # fail fast, before any process starts
     check_files(cfg.data)
+    train.options(args)  # flags that do not go together (--as-rank needs --debug), dry run too
     flags = {k: getattr(args, k) for k in launch.ENV_VARS}
     plan = launch.plan(cfg.launch, flags, os.environ, launch.visible_gpus())
     one_process = plan.in_process or launch.debug_requested(args.debug)

@@ -32,6 +32,8 @@ RENDER_ARGUMENTS = {"messages", "conversation", "tools", "documents", "add_gener
                     "add_special_tokens"}  # fmt: skip
 
 PosInt = Annotated[int, Field(ge=1)]
+MAX_BATCH = 1 << 20  # samples per step: far above any real run, far below what fills memory
+MAX_LORA_RANK = 4096  # above the hidden size of most models: a larger rank is a typo
 NonNegInt = Annotated[int, Field(ge=0)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -62,7 +64,7 @@ class ModelConfig(Section):
 
 
 class LoraSettings(Section):
-    r: PosInt = 8
+    r: Annotated[int, Field(ge=1, le=MAX_LORA_RANK)] = 8
     alpha: Annotated[FiniteFloat, Field(gt=0)] = 16.0
     dropout: Annotated[FiniteFloat, Field(ge=0, lt=1)] = 0.0
     target_modules: Literal["all-linear"] | list[str] = "all-linear"
@@ -169,9 +171,9 @@ class DataConfig(Section):
 
 
 class BatchConfig(Section):
-    global_size: PosInt = 16
+    global_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 16
     """Samples per optimizer step, over all processes."""
-    micro_size: PosInt = 4
+    micro_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 4
     """Samples per forward pass on one device."""
 
 
@@ -341,9 +343,13 @@ def read_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {str(p)!r}: {e}") from None
     if p.suffix.lower() == ".json":
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{p}:{e.lineno}: {e.msg} (not valid JSON)") from None
+        except RecursionError:
+            raise ConfigError(f"{p}: nested too deeply to read") from None
+        except _DuplicateKey as e:
+            raise ConfigError(f"{p}: key {e.args[0]!r} appears twice in one mapping") from None
     else:
         raw = parse_text(text, str(p))
     if raw is None:
@@ -351,6 +357,35 @@ def read_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(raw).__name__}")
     return raw
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (as YAML configs do): the second would
+    silently win."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _nul_key(raw: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first string holding a NUL character (no path or name can)."""
+    if isinstance(raw, str):
+        return prefix or "(top level)" if "\x00" in raw else None
+    items = (
+        raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    )
+    for k, v in items:
+        found = _nul_key(v, f"{prefix}.{k}" if prefix else str(k))
+        if found:
+            return found
+    return None
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -398,6 +433,9 @@ def load(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -
 
 def validate(raw: dict[str, Any]) -> RunConfig:
     try:
+        bad = _nul_key(raw)
+        if bad:
+            raise ConfigError(f"{bad}: holds a NUL character (\\x00), which no path or name can")
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(config_text.explain(e, RunConfig)) from None

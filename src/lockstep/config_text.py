@@ -55,13 +55,24 @@ def did_you_mean(key: str, root: type[BaseModel]) -> str | None:
     return by_leaf[close[0]] if close else None
 
 
+SCALAR_TAGS = {"str", "int", "float", "bool", "none"}
+
+
+def _is_tag(part: Any) -> bool:
+    """A part of a pydantic error location that names a branch of a union (`literal['auto']`,
+    `list[str]`, `constrained-int`, `bool`) rather than a config key."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part in SCALAR_TAGS)
+
+
 def _dotted(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
+    return ".".join(str(p) for p in loc if not _is_tag(p)) or "(top level)"
 
 
 def explain(err: ValidationError, root: type[BaseModel]) -> str:
-    """One readable message for every problem pydantic found in a config of schema `root`."""
-    lines = []
+    """One readable message for every problem pydantic found in a config of schema `root`; the
+    branches of a union (a literal or a number, say) are one line: `allowed ..., or expected ...`."""
+    lines: list[str] = []
+    wrong: dict[tuple[str, str], list[str]] = {}  # (key, value) -> what each branch allows
     for e in err.errors(include_url=False):
         key = _dotted(e["loc"])
         kind = e["type"]
@@ -72,12 +83,21 @@ def explain(err: ValidationError, root: type[BaseModel]) -> str:
             msg = f"{key}: required, but missing"
         else:
             got = _short(e.get("input"))
-            msg = f"{key}: got {got}: {_allowed(e)}"
+            allowed = wrong.setdefault((key, got), [])
+            if not allowed:
+                lines.append((key, got))  # a placeholder, filled in below
+            if _allowed(e) not in allowed:
+                allowed.append(_allowed(e))
+            continue
         if msg not in lines:
             lines.append(msg)
-    if len(lines) == 1:
-        return f"invalid config: {lines[0]}"
-    return "invalid config:\n" + "\n".join(f"  - {m}" for m in lines)
+    text = [
+        line if isinstance(line, str) else f"{line[0]}: got {line[1]}: " + ", or ".join(wrong[line])
+        for line in lines
+    ]
+    if len(text) == 1:
+        return f"invalid config: {text[0]}"
+    return "invalid config:\n" + "\n".join(f"  - {m}" for m in text)
 
 
 def _allowed(e: dict[str, Any]) -> str:

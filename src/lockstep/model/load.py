@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from lockstep import hub
 from lockstep.config import ModelConfig
 from lockstep.errors import ModelError, first_line
 
@@ -39,6 +40,13 @@ def resolve(path: str) -> tuple[str, bool]:
         return str(p), False
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise ModelError(f"model.path: folder {str(p)!r} not found (looked in {p.resolve()})")
+    problem = hub.offline_problem(path, "model", "config.json")
+    if problem:
+        raise ModelError(
+            f"model.path {path!r} is not a local folder, and it cannot be loaded as a Hugging "
+            f"Face Hub name: {problem}. Download it where there is a connection "
+            f"(huggingface-cli download {path} --local-dir DIR) and set model.path to DIR"
+        )
     return path, False  # a hub id
 
 
