@@ -115,6 +115,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     assert proc.returncode == 1
     assert "lockstep: error: cannot write checkpoint" in err and "step-00000010" in err
     assert "the previous checkpoint is untouched" in err and "Traceback" not in err
+    assert "enforce fail" not in err and "unexpected pos" not in err
     root = tmp_path / "out" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-00000005"]
     res = run_cli("train", str(cfg), "train.max_steps=6")
@@ -308,3 +309,94 @@ def test_sigterm_to_every_process_with_data_workers_saves_and_resumes_exactly(tm
 
 def checkpoint_folders(out):
     return sorted((out / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+class _RunsCode:  # pickled into a crafted file: weights-only loading must refuse it
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def _garbage(path):
+    path.write_bytes(b"\x00garbage" * 10)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+def _crafted_pickle(path):
+    import torch
+
+    torch.save({"state": _RunsCode()}, path)
+
+
+DAMAGE = {  # file of the newest checkpoint -> how it is damaged
+    "optimizer garbage": ("optimizer.pt", _garbage),
+    "optimizer that would run code": ("optimizer.pt", _crafted_pickle),
+    "scheduler truncated": ("scheduler.pt", _truncate),
+    "rng truncated": ("rng-rank-0.pt", _truncate),
+    "weights garbage": ("model.safetensors", _garbage),
+    "state garbage": ("state.json", _garbage),
+}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("damaged")
+    cfg = small_config(folder, train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, marks=[] if c in ("optimizer that would run code", "rng truncated")
+                     else [pytest.mark.slow])
+        for c in sorted(DAMAGE)
+    ],
+)  # fmt: skip
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_way_on(
+    two_checkpoints, tmp_path, case
+):
+    shutil.copytree(two_checkpoints, tmp_path, dirs_exist_ok=True)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace(str(two_checkpoints), str(tmp_path)))
+    root = tmp_path / "out" / "checkpoints"
+    name, damage = DAMAGE[case]
+    damage(root / "step-00000004" / name)
+    res = run_cli("train", str(cfg), "train.max_steps=6")
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert "this must never run" not in res.stdout + res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lockstep: error: ") and "step-00000004" in last
+    assert name in last
+    hint = f"To resume from the previous complete checkpoint: checkpoint.resume={root / 'step-00000002'}"
+    assert last.endswith(hint)
+    res = run_cli(
+        "train", str(cfg), "train.max_steps=6", f"checkpoint.resume={root / 'step-00000002'}"
+    )
+    assert res.returncode == 0 and "step-00000002 at step 2" in res.stderr
+
+
+def test_why_a_checkpoint_write_failed_in_words(tmp_path):
+    import errno
+
+    from lockstep.training.checkpoint import why_not_written
+
+    short_write = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    assert (
+        why_not_written(short_write, tmp_path, free=1 << 20)
+        == "no space left on device (1.0 MiB free)"
+    )
+    assert why_not_written(short_write, tmp_path, free=1 << 40).startswith(
+        "a file could not be written completely (disk full"
+    )
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert why_not_written(full, tmp_path, free=1 << 40).startswith("no space left on device")
+    too_big = OSError(errno.EFBIG, "File too large")
+    assert why_not_written(too_big, tmp_path, free=1 << 40).startswith("file too large")

@@ -22,6 +22,7 @@ pickle is read with an unpickler that knows only DCP's metadata classes before D
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -167,10 +168,9 @@ class Saver:
         try:
             tmp.mkdir(parents=True, exist_ok=True)
             torch.save(rng_state(), tmp / f"rng-rank-{self.rank}.pt")
-        except OSError as e:
-            raise CheckpointError(
-                f"cannot write checkpoint into {tmp}: {e.strerror or e}"
-            ) from None
+        except Exception as e:  # OSError, or torch's own error for a short write
+            why = why_not_written(e, tmp)
+            raise CheckpointError(f"cannot write checkpoint into {tmp}: {why}") from None
 
     def write_sharded(self, step: int, engine: torch.nn.Module, optimizer) -> None:
         """FSDP: every rank writes its shards of the weights and optimizer state (collective)."""
@@ -178,7 +178,7 @@ class Saver:
         try:
             sharded.save(tmp, engine, optimizer)
         except Exception as e:  # OSError, or DCP's own wrapper of it
-            why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            why = why_not_written(e, tmp)
             raise CheckpointError(f"cannot write sharded checkpoint into {tmp}: {why}") from None
 
     def write_shared(
@@ -210,8 +210,8 @@ class Saver:
             tmp.rename(final)
             _fsync_dir(self.root)
         except Exception as e:  # OSError, and safetensors' / torch's own errors for the same
+            why = why_not_written(e, tmp)  # before the partial files are removed (free space)
             shutil.rmtree(tmp, ignore_errors=True)
-            why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
             raise CheckpointError(
                 f"cannot write checkpoint {final}: {why}; the previous checkpoint "
                 "is untouched (free space or fix permissions, then resume)"
@@ -245,6 +245,32 @@ class Saver:
             return
         for old in complete_checkpoints(self.root)[: -self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+LOW_SPACE = 16 << 20  # bytes: a write that failed with less free than this ran out of space
+
+
+def why_not_written(e: BaseException, folder: Path, free: int | None = None) -> str:
+    """Why a checkpoint write failed, in words. torch's zip writer loses the system's reason
+    for a short write (`[enforce fail at inline_container.cc] unexpected pos`), so the space
+    left (`free`, measured in `folder` unless given) and the error number decide."""
+    if free is None:
+        try:
+            free = shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        except OSError:
+            free = None
+    code = getattr(e, "errno", None)
+    if code == errno.ENOSPC or (free is not None and free < LOW_SPACE):
+        shown = "" if free is None else f" ({free / 2**20:.1f} MiB free)"
+        return f"no space left on device{shown}"
+    if code == errno.EFBIG:
+        return "file too large (a file-size limit: see ulimit -f)"
+    if code == errno.EDQUOT:
+        return "disk quota exceeded"
+    text = getattr(e, "strerror", None) or first_line(e)
+    if "enforce fail" in text or "unexpected pos" in text:
+        return "a file could not be written completely (disk full, a quota, or a file-size limit?)"
+    return text
 
 
 # ---------------------------------------------------------------- load
@@ -281,11 +307,26 @@ def find_resume(cfg: RunConfig) -> Path | None:
 
 
 def read(path: Path) -> Loaded:
+    """The state and config of a checkpoint; a damaged one is one line, with the way on."""
     try:
         state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as e:  # JSONDecodeError, bad UTF-8
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: state.json: {first_line(e)}"
+            f"{earlier_checkpoint_hint(path)}"
+        ) from None
+    try:
         cfg = config_mod.read_file(path / "config.yaml")
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    except config_mod.ConfigError as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {first_line(e)}{earlier_checkpoint_hint(path)}"
+        ) from None
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: state.json has no step number"
+            f"{earlier_checkpoint_hint(path)}"
+        )
     return Loaded(path, state, cfg)
 
 
@@ -347,7 +388,9 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(path / "model.safetensors")
     except Exception as e:  # safetensors raises its own error type for a damaged file
-        raise CheckpointError(f"cannot read {path / 'model.safetensors'}: {e}") from None
+        raise CheckpointError(
+            f"{path / 'model.safetensors'} is damaged or not a checkpoint file ({first_line(e)})"
+        ) from None
     params = dict(model.named_parameters())
     missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
     unknown = [n for n in tensors if n not in params]
@@ -395,18 +438,41 @@ def load_into(
             set_rng_state(load_tensors(rng_file))
             return True
         return False
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot load checkpoint {path}: {e}") from None
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{earlier_checkpoint_hint(path)}") from None
+    except Exception as e:  # a state that does not fit the optimizer, scheduler or RNG
+        raise CheckpointError(
+            f"cannot load checkpoint {path}: {first_line(e)}{earlier_checkpoint_hint(path)}"
+        ) from None
 
 
 def load_tensors(path: Path) -> Any:
-    """A torch.save'd file, tensors and plain values only, onto the CPU whatever device wrote it.
+    """A torch.save'd file, tensors and plain values only, onto the CPU whatever device wrote it;
+    a damaged or crafted file is one CheckpointError naming it.
 
     Every rank of a resume reads the same optimizer.pt: without map_location its CUDA tensors
     would all land on the GPU that saved them (cuda:0). From the CPU, Optimizer.load_state_dict
     moves the state onto each parameter's own device; RNG states are CPU tensors anyway.
     """
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except Exception as e:  # pickle, zip and torch errors alike: truncated, damaged or crafted
+        raise CheckpointError(
+            f"{path} is damaged or not a checkpoint file ({first_line(e)})"
+        ) from None
+
+
+def earlier_checkpoint_hint(path: Path) -> str:
+    """How to go on when checkpoint `path` cannot be loaded: the previous complete one."""
+    earlier = [p for p in complete_checkpoints(path.parent) if p.name < path.name]
+    if earlier:
+        return f". To resume from the previous complete checkpoint: checkpoint.resume={earlier[-1]}"
+    return (
+        ". No earlier complete checkpoint: start over with checkpoint.resume=never "
+        "checkpoint.overwrite=true"
+    )
 
 
 # ---------------------------------------------------------------- sharded metadata
