@@ -400,3 +400,16 @@ def test_why_a_checkpoint_write_failed_in_words(tmp_path):
     assert why_not_written(full, tmp_path, free=1 << 40).startswith("no space left on device")
     too_big = OSError(errno.EFBIG, "File too large")
     assert why_not_written(too_big, tmp_path, free=1 << 40).startswith("file too large")
+
+
+def test_resuming_with_another_thread_count_says_it_is_not_bit_exact(tmp_path):
+    cfg = small_config(tmp_path, train={"max_steps": 2}, checkpoint={"every_steps": 2})
+    assert run_cli("train", str(cfg), env={"OMP_NUM_THREADS": "1"}).returncode == 0
+    state = json.loads((tmp_path / "out/checkpoints/step-00000002/state.json").read_text())
+    assert state["threads"] == 1
+    res = run_cli("train", str(cfg), "train.max_steps=3", env={"OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0, res.stderr
+    assert "written with 1 CPU threads, this run uses 2" in res.stderr
+    assert "OMP_NUM_THREADS=1" in res.stderr
+    res = run_cli("train", str(cfg), "train.max_steps=4", env={"OMP_NUM_THREADS": "2"})
+    assert res.returncode == 0 and "CPU threads" not in res.stderr  # step 3 was written with 2

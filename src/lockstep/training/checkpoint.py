@@ -383,6 +383,20 @@ def check_data_change(loaded: Loaded, fingerprint: str, cfg: RunConfig) -> None:
         )
 
 
+def thread_change(loaded: Loaded, threads: int, device: torch.device) -> str | None:
+    """A warning when a CPU run resumes with another number of intra-op threads than wrote the
+    checkpoint: CPU kernels split their sums by thread, so the losses then match the
+    uninterrupted run only to rounding, not bit for bit."""
+    saved = loaded.state.get("threads")
+    if device.type != "cpu" or not isinstance(saved, int) or saved == threads:
+        return None
+    return (
+        f"the checkpoint was written with {saved} CPU threads, this run uses {threads}: the "
+        f"resumed run matches the uninterrupted one to rounding, not bit for bit (for that, "
+        f"run with OMP_NUM_THREADS={saved})"
+    )
+
+
 def load_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Copy the checkpoint's tensors into the model; every trainable parameter must be there."""
     try:

@@ -121,6 +121,9 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         )
         start_step = int(loaded.state["step"])
         log.info(f"resuming from {loaded.path} at step {start_step} (checkpoint.resume)")
+        note = checkpoint.thread_change(loaded, torch.get_num_threads(), d.device)
+        if note:
+            log.warning(note)
         if start_step >= steps:
             log.info(
                 f"the run is already complete ({start_step} of {steps} steps): nothing to train. "
@@ -359,6 +362,7 @@ def save_checkpoint(
                 "lockstep_version": _version(),
                 "data_fingerprint": samples.fingerprint,
                 "log_window": list(log_window),
+                "threads": torch.get_num_threads(),  # CPU results depend on it (bit-exact resume)
             }
             path = saver.write_shared(done, bare.model, optimizer, scheduler, state, cfg)
     return path
