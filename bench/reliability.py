@@ -34,7 +34,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-DATA = ROOT / "examples" / "data" / "demo_train.jsonl"
+DATA = ROOT / "src" / "lockstep" / "examples" / "data" / "demo_train.jsonl"
 STEPS = 12
 
 

@@ -15,7 +15,7 @@ Writes into ``src/lockstep/model/builtin/tiny/``:
 * ``generation_config.json``: eos 2 (``<|im_end|>``), pad 3 (``<|pad|>``).
 
 The BPE training corpus is built deterministically from the demo training data
-(``examples/data/demo_train.jsonl``: instruction, input and output texts, plus
+(``src/lockstep/examples/data/demo_train.jsonl``: instruction, input and output texts, plus
 the ChatML role names) and a small built-in list of generic English text,
 digits and punctuation, so general text still tokenizes reasonably.
 

@@ -20,7 +20,7 @@ Why this suits the ~3M-parameter built-in model on a CPU:
   supervised answer tokens each (``<|im_end|>`` included), so a step is cheap.
 * Every word (and its uppercase) is one token of the tiny tokenizer.
 
-Measured with ``examples/demo.yaml`` (400 steps of 16, lr 1e-3, cosine): the
+Measured with ``lockstep train demo`` (400 steps of 16, lr 1e-3, cosine): the
 mean loss of the first 20 steps is ~5.3 (the first step ~7.6, uniform over the
 2048-token vocabulary) and falls to ~1.9. With all 151 words (``--n-words 0``)
 copying needs far more steps, and the loss stalls near 4.
@@ -32,7 +32,7 @@ splits are disjoint.
 Usage::
 
     python scripts/make_demo_data.py [--seed 0] [--n-train 2000] [--n-eval 200]
-                                     [--out-dir examples/data] [--n-words 0]
+                                     [--out-dir src/lockstep/examples/data] [--n-words 0]
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-eval", type=int, default=200)
-    parser.add_argument("--out-dir", type=Path, default=Path("examples/data"))
+    parser.add_argument("--out-dir", type=Path, default=Path("src/lockstep/examples/data"))
     parser.add_argument(
         "--n-words",
         type=int,

@@ -18,5 +18,20 @@ else
     echo "setup: no GPU, installing torch==2.13.0 (CPU)"
     "${PIP[@]}" install -q torch==2.13.0
 fi
-echo "setup: installing lockstep (editable) and its dependencies"
+# lockstep was installed as "lockstep" before it was named lockstep-finetune: an editable
+# install of this folder under the old name is removed (any other "lockstep" is left alone).
+old=$(.venv/bin/python - <<'PY'
+import importlib.metadata as md, json, pathlib
+try:
+    url = json.loads(md.distribution("lockstep").read_text("direct_url.json") or "{}").get("url", "")
+except md.PackageNotFoundError:
+    url = ""
+print("yes" if url == pathlib.Path.cwd().resolve().as_uri() else "")
+PY
+)
+if [ -n "$old" ]; then
+    echo "setup: removing this checkout's install under its old name (lockstep)"
+    "${PIP[@]}" uninstall -q -y lockstep
+fi
+echo "setup: installing lockstep (as lockstep-finetune, editable) and its dependencies"
 "${PIP[@]}" install -q -e ".[dev]"

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = ROOT / "examples" / "data" / "demo_train.jsonl"
+EXAMPLES = ROOT / "src" / "lockstep" / "examples"  # the shipped example configs and demo data
+DEMO_DATA = EXAMPLES / "data" / "demo_train.jsonl"
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd=None):

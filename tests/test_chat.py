@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run_cli
 
-EVAL = ROOT / "examples" / "data" / "demo_eval.jsonl"
+EVAL = ROOT / "src" / "lockstep" / "examples" / "data" / "demo_eval.jsonl"
 COUNT, UPPER = "Count the words.", "Uppercase the words."
 # interactive turns are one line each (input() reads one line), unlike the trained prompts
 FIRST, SECOND = "Count the words. street truck dry", "Uppercase the words. king cup"
@@ -78,7 +78,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp / "run"
     proc = run_cli(
         "train",
-        "examples/demo.yaml",
+        "demo",  # the shipped example, by name
         f"output_dir={out}",
         "train.max_steps=250",
         f"data.cache_dir={tmp / 'cache'}",

@@ -17,7 +17,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run out"  # a space in the path on purpose
     res = run_cli(
         "train",
-        "examples/demo.yaml",
+        "demo",  # the shipped example, by name
         f"output_dir={out}",
         "train.max_steps=80",
         "log.every_steps=1",

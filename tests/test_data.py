@@ -179,7 +179,7 @@ def test_missing_path_and_unsupported_type(tmp_path, tok):
 
 
 def test_data_preview_marks_trained_tokens_and_counts():
-    res = run_cli("data", "preview", "examples/demo.yaml", "-n", "2")
+    res = run_cli("data", "preview", "demo", "-n", "2")
     assert res.returncode == 0, res.stderr
     out = res.stdout
     assert out.count("--- sample ") == 2

@@ -9,7 +9,7 @@ from conftest import DEMO_DATA, ROOT, run_cli, small_config
 
 from lockstep.report.metrics import read
 
-EVAL_DATA = ROOT / "examples" / "data" / "demo_eval.jsonl"
+EVAL_DATA = ROOT / "src" / "lockstep" / "examples" / "data" / "demo_eval.jsonl"
 
 
 @pytest.mark.parametrize(

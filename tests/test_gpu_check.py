@@ -20,7 +20,7 @@ from lockstep import config
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "bench" / "gpu"
 SCRIPT = GPU / "check.sh"
-DEMO_DATA = ROOT / "examples" / "data" / "demo_train.jsonl"
+DEMO_DATA = ROOT / "src" / "lockstep" / "examples" / "data" / "demo_train.jsonl"
 
 
 def _module(name: str):

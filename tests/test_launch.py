@@ -210,7 +210,7 @@ def test_debug_rank_without_debugpy_is_a_clear_error(tmp_path, alpaca_file):
         import debugpy  # noqa: F401
     except ImportError:
         res = run_cli("train", str(small_config(tmp_path, alpaca_file)), "--debug-rank", "0")
-        assert res.returncode == 1 and "pip install 'lockstep[debug]'" in res.stderr
+        assert res.returncode == 1 and "pip install 'lockstep-finetune[debug]'" in res.stderr
     else:
         pytest.skip("debugpy is installed here; the missing-debugpy message cannot be shown")
 

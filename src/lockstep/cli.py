@@ -17,9 +17,10 @@ from lockstep.training.preempt import Preempted
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from lockstep import config, launch, train
+    from lockstep import config, configs, launch, train
     from lockstep.data.dataset import check_files
 
+    args.config = configs.resolve(args.config)  # `lockstep train demo`: a shipped example
     cfg = config.load(args.config, args.overrides)  # fail fast, before any process starts
     check_files(cfg.data)
     train.options(args)  # flags that do not go together (--as-rank needs --debug), dry run too
@@ -75,11 +76,11 @@ def _run_torchrun(argv: list[str], describe: str, ranks: list[int]) -> int:
 
 
 def _cmd_data_preview(args: argparse.Namespace) -> int:
-    from lockstep import config
+    from lockstep import config, configs
     from lockstep.data import cache, preview, templates
     from lockstep.model.load import load_tokenizer
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(configs.resolve(args.config), args.overrides)
     tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
     samples, how = cache.load_or_build(cfg.data, tokenizer)
     print(f"[lockstep] data: {how}", file=sys.stderr)
@@ -97,13 +98,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     """eval_loss of a checkpoint (default: the run's newest) on the config's eval data."""
-    from lockstep import config, dist
+    from lockstep import config, configs, dist
     from lockstep.data import cache
     from lockstep.export import model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
     from lockstep.training import parallel
     from lockstep.training.evaluate import eval_data, eval_split, evaluate
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = config.load(configs.resolve(args.config), args.overrides)
     eval_data(cfg)  # a missing data.eval file, before the model loads
     ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))
     model, trained_cfg, _ = model_from_checkpoint(ckpt, args.trust_remote_code)
@@ -129,7 +130,8 @@ def _cmd_configs(args: argparse.Namespace) -> int:
     if args.action == "copy":
         if not args.name:
             raise configs.ConfigError("lockstep configs copy NAME [DEST]: which config?")
-        print(f"wrote {configs.copy(args.name, args.dest)}")
+        target = configs.copy(args.name, args.dest)
+        print(f"wrote {target}; train it: lockstep train {target}")
     else:
         print(configs.listing())
     return 0

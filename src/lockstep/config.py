@@ -96,7 +96,8 @@ class FinetuneConfig(Section):
 class DatasetConfig(Section):
     path: str = Field(min_length=1)
     """A .jsonl/.json/.csv/.parquet/.txt file, a folder of them, or a Hugging Face dataset name
-    (a .txt file is one text document: format text)."""
+    (a .txt file is one text document: format text); or `builtin:NAME`, a data file shipped
+    with lockstep (builtin:demo_train.jsonl, builtin:demo_eval.jsonl), found from any folder."""
     format: Literal["alpaca", "messages", "sharegpt", "text"] = "alpaca"
     split: str = "train"
     """The split of a Hugging Face dataset."""

@@ -146,8 +146,10 @@ def _wait_for_debugger(rank: int) -> None:
     try:
         import debugpy
     except ImportError:
+        from lockstep import DISTRIBUTION
+
         raise LaunchError(
-            "--debug-rank needs debugpy: pip install 'lockstep[debug]' (or pip install debugpy)"
+            f"--debug-rank needs debugpy: pip install '{DISTRIBUTION}[debug]' (or pip install debugpy)"
         ) from None
     port = 5678 + rank
     debugpy.listen(("127.0.0.1", port))

@@ -110,12 +110,15 @@ def check_files(cfg: DataConfig, section: str = "data.train") -> None:
     """Fail fast, before any process or folder is made, on a data path that is not there, a
     text file given a chat format, or a data.chat_template file that is missing."""
     for i, ds in enumerate(cfg.train):
-        hf = sources.is_saved_dataset(ds.path) or sources.is_hub_name(ds.path)
-        files = [] if hf else sources.files_of(ds.path)
+        try:
+            path = sources.local(ds.path)
+        except DataError as e:
+            raise DataError(f"{section}.{i}.path: {e}") from None
+        hf = sources.is_saved_dataset(path) or sources.is_hub_name(path)
+        files = [] if hf else sources.files_of(path)
         if not hf and not files:
             raise DataError(
-                f"{section}.{i}.path: file {ds.path!r} not found "
-                f"(looked in {Path(ds.path).resolve()})"
+                f"{section}.{i}.path: file {ds.path!r} not found (looked in {Path(path).resolve()})"
             )
         text = [f for f in files if f.suffix.lower() == ".txt"]
         if text and ds.format != "text":

@@ -1,5 +1,8 @@
 """Where records come from: JSON, JSONL, CSV, Parquet and text files, folders of them, HF datasets.
 
+`builtin:NAME` names a data file shipped with lockstep (the examples' demo data, e.g.
+`builtin:demo_train.jsonl`), so a shipped or copied config reads it from any folder.
+
 A .txt file is one record `{text: <the whole file>}`: one document, for the `text` format (a
 folder of .txt files is a corpus of documents; long ones are split into chunks, not cut).
 
@@ -21,6 +24,8 @@ from typing import Any
 from lockstep.errors import DataError, first_line
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,24 @@ class Record:
     where: str
     fields: dict[str, Any]
     error: str | None = None  # set when the record itself cannot be read
+
+
+def builtin_names() -> list[str]:
+    """The data files shipped with lockstep, as a config names them (`builtin:NAME`)."""
+    files = BUILTIN_DATA.glob("*") if BUILTIN_DATA.is_dir() else []
+    return sorted(BUILTIN_PREFIX + f.name for f in files if f.suffix.lower() in SUFFIXES)
+
+
+def local(path: str) -> str:
+    """Where the data a config's `path` names is read from: a `builtin:NAME` is the shipped
+    file NAME (wherever lockstep is installed), any other path is itself. An unknown
+    built-in name is a DataError listing the shipped ones."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    if path not in builtin_names():
+        shipped = ", ".join(builtin_names()) or "none (this lockstep install lacks its data)"
+        raise DataError(f"no data file {path!r} ships with lockstep; shipped: {shipped}")
+    return str(BUILTIN_DATA / path[len(BUILTIN_PREFIX) :])
 
 
 def files_of(path: str) -> list[Path]:
@@ -65,6 +88,7 @@ def is_hub_name(path: str) -> bool:
 
 
 def read(path: str, split: str = "train") -> Iterator[Record]:
+    path = local(path)
     files = files_of(path)
     if files:
         for f in files:
@@ -78,6 +102,7 @@ def read(path: str, split: str = "train") -> Iterator[Record]:
 def content_hash(path: str, split: str = "train") -> str:
     """Hash of what `read` would read: file bytes, or the datasets library's own fingerprint."""
     h = hashlib.sha256()
+    path = local(path)
     files = files_of(path)
     for f in files:
         h.update(f.name.encode())

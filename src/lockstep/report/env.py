@@ -23,7 +23,7 @@ def _version(dist_name: str) -> str:
 def install_kind() -> str:
     """'editable' (pip install -e), 'installed' (a copy in site-packages) or 'source' (no install)."""
     try:
-        dist = md.distribution("lockstep")
+        dist = md.distribution(lockstep.DISTRIBUTION)
     except md.PackageNotFoundError:
         return "source (not installed; imported from the path)"
     direct = dist.read_text("direct_url.json")

@@ -44,10 +44,12 @@ def _summary_writer(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
+        from lockstep import DISTRIBUTION
         from lockstep.errors import ConfigError
 
         raise ConfigError(
-            "log.tensorboard=true needs the tensorboard package: pip install 'lockstep[tensorboard]'"
+            "log.tensorboard=true needs the tensorboard package: "
+            f"pip install '{DISTRIBUTION}[tensorboard]' (or pip install tensorboard)"
         ) from None
     return SummaryWriter(log_dir=str(folder))
 
