@@ -299,6 +299,8 @@ class LaunchOutput:
         self.log.write(chunk)
         self.log.flush()
         data, self.pending = self.pending + chunk, b""
+        if self.show is not None and self._held_back_start(data):
+            self.show = None  # another process's traceback or torchrun's line, after a bar
         if self.show:  # a line shown so far may go on with a failing rank's words
             self.show = not self.failed()
         pieces = [p for p in re.split(rb"(?<=\n)|(?<=\r)|(?=\r)", data) if p]
@@ -333,6 +335,14 @@ class LaunchOutput:
             self.terminal.write(b"\n")
             self.terminal.flush()
             self.at_line_start = True
+
+    @staticmethod
+    def _held_back_start(data: bytes) -> bool:
+        """`data` starts a traceback or one of torchrun's lines."""
+        text = RANK_EXCEPTHOOK.sub(b"", data[:DECIDE_AFTER])
+        return text.startswith(TRACEBACK_START) or bool(
+            RANK_EXCEPTHOOK.match(data) or TORCHRUN_LOG_LINE.match(data)
+        )
 
     def _decide(self, line: bytes) -> bool:
         text = RANK_EXCEPTHOOK.sub(b"", line)
