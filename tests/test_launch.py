@@ -384,6 +384,9 @@ def test_a_killed_or_stopped_rank_is_named(tmp_path, alpaca_file, sig, expected)
     assert proc.returncode != 0
     last = [line for line in err.splitlines() if line.startswith("lockstep: error")][-1]
     assert expected in last, err[-3000:]
+    tail = _after_the_run(err)
+    assert len(tail) <= 3 and tail[-2] == last and "Traceback" not in err, err[-3000:]
+    assert _launch_log(err).is_file()
 
 
 @pytest.mark.slow
@@ -402,7 +405,8 @@ def test_ctrl_c_on_two_processes_saves_and_ends_in_words(tmp_path, alpaca_file):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0
     tail = _after_the_run(err)
-    assert len(tail) <= 3 and tail[-1].startswith("lockstep: "), err[-3000:]
+    assert len(tail) <= 3 and tail[-1].startswith("lockstep: stopped by SIGINT"), err[-3000:]
+    assert "Run the same command again to continue from it" in tail[-1]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     assert list((tmp_path / "out" / "checkpoints").glob("step-*/COMPLETE")), err[-3000:]
 
