@@ -229,6 +229,18 @@ def test_a_failing_rank_ends_the_run_naming_it(tmp_path, alpaca_file):
     assert "Connection closed by peer" in text and "OMP_NUM_THREADS" in text
 
 
+@pytest.mark.slow
+def test_traceback_shows_every_ranks_output_on_the_terminal(tmp_path, alpaca_file):
+    cfg = small_config(tmp_path, alpaca_file, train={"max_steps": 50},
+                       testing={"fail_at_step": 2, "fail_rank": 1}, launch={"timeout_s": 30})  # fmt: skip
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2", "--traceback", timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "OMP_NUM_THREADS" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lockstep: error: training failed") and "rank 1 failed first" in last
+    assert not (tmp_path / "out" / "logs").exists()
+
+
 def test_debug_rank_without_debugpy_is_a_clear_error(tmp_path, alpaca_file):
     try:
         import debugpy  # noqa: F401
