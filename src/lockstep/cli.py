@@ -93,7 +93,7 @@ def _run_torchrun(argv: list[str], describe: str, ranks: list[int], log: Path | 
         what = first_failure(records, launcher, ranks)
         if what is None:
             words = view.last_error if view else ""
-            what = f"torchrun: {words}" if words else "see above"
+            what = f"torchrun: {words}" if words else ("see its log" if log else "see above")
         if view:
             view.end_line()
         report(TrainingError(f"training failed (exit status {code}); {what}"))
