@@ -152,3 +152,47 @@ def test_python_dash_m_lockstep_and_version():
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("lockstep ")
     assert (ROOT / "src" / "lockstep" / "__main__.py").is_file()
+
+
+def test_a_lora_run_and_its_export_say_nothing_of_transformers_internals(tmp_path):
+    """No `is_gradient_checkpointing is deprecated` (PEFT's, on every wrap) and no `Writing
+    model shards` bar (the base and the export are written in seconds) among lockstep's lines."""
+    cfg = small_config(tmp_path, finetune={"method": "lora", "lora": {"r": 4, "alpha": 8}},
+                       train={"max_steps": 1})  # fmt: skip
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    exported = run_cli("export", str(tmp_path / "out"), "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    for stderr in (res.stderr, exported.stderr):
+        assert "is_gradient_checkpointing" not in stderr and "FutureWarning" not in stderr
+        assert "Writing model shards" not in stderr and "Loading weights" not in stderr
+    assert (tmp_path / "out" / "base" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_log_lines_go_through_the_progress_bar():
+    """An eval line during training starts a line of its own, and the bar is drawn again."""
+    import io
+    import logging
+
+    from tqdm import tqdm
+
+    from lockstep.report.log import BarAwareHandler
+
+    stream = io.StringIO()
+    log = logging.getLogger("lockstep.test.bar")
+    handler = BarAwareHandler(stream)
+    handler.setFormatter(logging.Formatter("[lockstep] %(message)s"))
+    log.addHandler(handler)
+    log.propagate = False
+    bar = tqdm(total=5, desc="train", unit="step", file=stream, mininterval=0)
+    try:
+        bar.update(1)
+        log.warning("step 5: eval_loss 6.4966")
+        bar.update(1)
+    finally:
+        bar.close()
+        log.removeHandler(handler)
+    text = stream.getvalue()
+    assert "\r[lockstep] step 5: eval_loss 6.4966\n" in text, repr(text)
+    assert text.rindex("2/5") > text.index("[lockstep] step 5")  # the bar again, below it

@@ -188,6 +188,18 @@ def test_debug_mode_keeps_the_global_batch_of_a_two_process_config(tmp_path, alp
     assert read(tmp_path / "out" / "metrics.jsonl")[-1]["loss"] > 0
 
 
+def _after_the_run(stderr: str) -> list[str]:
+    """The terminal's lines after the last progress bar or rank 0 log line: what a failure adds."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    last = max(i for i, line in enumerate(lines) if line.startswith(("train:", "[lockstep")))
+    return [line for line in lines[last + 1 :] if line.strip()]
+
+
+def _launch_log(stderr: str) -> Path:
+    line = [x for x in stderr.splitlines() if "tracebacks included:" in x][-1]
+    return Path(line.split("tracebacks included: ")[1].split(" (--traceback")[0])
+
+
 def test_a_failing_rank_ends_the_run_naming_it(tmp_path, alpaca_file):
     cfg = small_config(
         tmp_path,
@@ -203,6 +215,30 @@ def test_a_failing_rank_ends_the_run_naming_it(tmp_path, alpaca_file):
     assert "rank 1 failed first: injected failure at step 2" in res.stderr
     ps = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "a rank is still running"
+    # the terminal: the run as it went, then two lines: the cause, and where the whole story is
+    tail = _after_the_run(res.stderr)
+    assert len(tail) <= 3 and tail[-2].startswith("lockstep: error: training failed"), tail
+    assert "rank 1 failed first" in tail[-2]
+    for noise in ("Traceback", "[rank0]:", "OMP_NUM_THREADS", "torch/distributed", "rank 0: "):
+        assert noise not in res.stderr, noise
+    assert "train:   0%" in res.stderr  # rank 0's progress, live as ever
+    log = _launch_log(res.stderr)
+    assert log.parent == tmp_path / "out" / "logs" and log.name.startswith("launch-")
+    text = log.read_text()
+    assert "Traceback" in text and "injected failure at step 2" in text
+    assert "Connection closed by peer" in text and "OMP_NUM_THREADS" in text
+
+
+@pytest.mark.slow
+def test_traceback_shows_every_ranks_output_on_the_terminal(tmp_path, alpaca_file):
+    cfg = small_config(tmp_path, alpaca_file, train={"max_steps": 50},
+                       testing={"fail_at_step": 2, "fail_rank": 1}, launch={"timeout_s": 30})  # fmt: skip
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2", "--traceback", timeout=120)
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "OMP_NUM_THREADS" in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("lockstep: error: training failed") and "rank 1 failed first" in last
+    assert not (tmp_path / "out" / "logs").exists()
 
 
 def test_debug_rank_without_debugpy_is_a_clear_error(tmp_path, alpaca_file):
@@ -211,8 +247,59 @@ def test_debug_rank_without_debugpy_is_a_clear_error(tmp_path, alpaca_file):
     except ImportError:
         res = run_cli("train", str(small_config(tmp_path, alpaca_file)), "--debug-rank", "0")
         assert res.returncode == 1 and "pip install 'lockstep-finetune[debug]'" in res.stderr
+        # several processes: refused before any starts, in one line (not rank 0 blamed)
+        t0 = time.monotonic()
+        cfg = small_config(tmp_path, alpaca_file)
+        res = run_cli("train", str(cfg), "--nproc-per-node", "2", "--debug-rank", "1")
+        assert res.returncode == 1 and time.monotonic() - t0 < 30
+        assert res.stderr.strip().splitlines() == [
+            "lockstep: error: --debug-rank needs debugpy: pip install 'lockstep-finetune[debug]' "
+            "(or pip install debugpy)"
+        ]
     else:
         pytest.skip("debugpy is installed here; the missing-debugpy message cannot be shown")
+
+
+def test_launch_output_shows_the_run_and_holds_back_the_noise():
+    """What the terminal gets of torchrun's stderr; the log gets every byte."""
+    import io
+
+    from lockstep.launch import LaunchOutput
+
+    failed = []
+    log, term = io.BytesIO(), io.BytesIO()
+    view = LaunchOutput(log, term, lambda: bool(failed))
+    chunks = [
+        b"W1130 05:43:51.766000 18637 torch/distributed/run.py:874] *****\n",
+        b"W1130 05:43:51.766000 18637 torch/distributed/run.py:874] Setting OMP_NUM_THREADS\n",
+        b"[lockstep rank 0] plan: 50 steps\n",
+        b"UserWarning: something a user needs to see\n",
+        b"\r",
+        b"train:   0%|          | 0/50 [00:00<?, ?step/s]",  # shown at once, no newline yet
+        b"\rtrain:   2%|#         | 1/50 [00:01<01:25,  1.74s/step]",
+        b'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n',
+        b"    f()\nValueError: launcher trouble\n",
+        b'[rank0]: Traceback (most recent call last):\n[rank0]:   File "y.py"\n',
+        b"[rank0]: RuntimeError: Connection closed by peer\n",
+    ]
+    shown = []
+    for chunk in chunks:
+        view.feed(chunk)
+        shown.append(term.getvalue())
+    assert shown[5].endswith(b"train:   0%|          | 0/50 [00:00<?, ?step/s]")
+    failed.append(True)  # a rank wrote its failure record: what follows is consequences
+    view.feed(b"lockstep: error: rank 1: injected failure\n[W gloo] peer gone\n")
+    view.close()
+    view.end_line()
+    assert log.getvalue() == b"".join(chunks) + b"lockstep: error: rank 1: injected failure\n" \
+        b"[W gloo] peer gone\n"  # fmt: skip
+    text = term.getvalue().decode()
+    assert text == (
+        "[lockstep rank 0] plan: 50 steps\nUserWarning: something a user needs to see\n"
+        "\rtrain:   0%|          | 0/50 [00:00<?, ?step/s]"
+        "\rtrain:   2%|#         | 1/50 [00:01<01:25,  1.74s/step]\n"
+    )
+    assert view.last_error == "RuntimeError: Connection closed by peer"
 
 
 # ---------------------------------------------------------------- runs that end badly
@@ -309,6 +396,31 @@ def test_a_killed_or_stopped_rank_is_named(tmp_path, alpaca_file, sig, expected)
     assert proc.returncode != 0
     last = [line for line in err.splitlines() if line.startswith("lockstep: error")][-1]
     assert expected in last, err[-3000:]
+    tail = _after_the_run(err)
+    assert len(tail) <= 3 and tail[-2] == last and "Traceback" not in err, err[-3000:]
+    assert _launch_log(err).is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_two_processes_saves_and_ends_in_words(tmp_path, alpaca_file):
+    """The terminal's Ctrl-C (SIGINT to its process group): the ranks save a checkpoint, the run
+    ends saying where, and nothing of torchrun's way of stopping follows."""
+    import os
+    import signal
+
+    cfg, proc = _start_two_process_run(tmp_path, alpaca_file)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    tail = _after_the_run(err)
+    assert len(tail) <= 3 and tail[-1].startswith("lockstep: stopped by SIGINT"), err[-3000:]
+    assert "Run the same command again to continue from it" in tail[-1]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert list((tmp_path / "out" / "checkpoints").glob("step-*/COMPLETE")), err[-3000:]
 
 
 def test_dry_run_refuses_as_rank_without_debug(tmp_path):

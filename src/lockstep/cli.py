@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 from lockstep import __version__
-from lockstep.errors import LockstepError, TrainingError, report
+from lockstep.errors import LaunchError, LockstepError, TrainingError, report, show_traceback
 from lockstep.training.preempt import Preempted
+
+if TYPE_CHECKING:
+    from lockstep.launch import LaunchOutput
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -46,21 +51,37 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return train.run(args, via_lockstep=True)
     argv = launch.torchrun_argv(plan, child, launcher_module="lockstep.torchrun")
     first = plan.node_rank * plan.nproc_per_node
-    return _run_torchrun(argv, plan.describe(), list(range(first, first + plan.nproc_per_node)))
+    ranks = list(range(first, first + plan.nproc_per_node))
+    log = None
+    if not show_traceback(args.traceback):
+        log = launch.launch_log_path(Path(cfg.output_dir), plan.nnodes, plan.node_rank)
+    return _run_torchrun(argv, plan.describe(), ranks, log)
 
 
-def _run_torchrun(argv: list[str], describe: str, ranks: list[int]) -> int:
-    """Start torchrun, pass signals on, and return its exit status (naming the first failure)."""
-    from lockstep.launch import FAILURE_DIR_ENV, LAUNCHER_RECORD, first_failure
+def _run_torchrun(argv: list[str], describe: str, ranks: list[int], log: Path | None) -> int:
+    """Start torchrun, pass signals on, and return its exit status, naming the first failure.
+
+    With `log`, torchrun's stderr (its own and every rank's) is written there whole and shown
+    on the terminal less tracebacks and torchrun's own lines (launch.LaunchOutput); a failure
+    then ends in the one line naming its cause and a line naming the log. Without, the
+    terminal shows it all (--traceback, LOCKSTEP_TRACEBACK=1).
+    """
+    from lockstep.launch import FAILURE_DIR_ENV, LAUNCHER_RECORD, LaunchOutput, first_failure
 
     print(f"[lockstep] {describe}", file=sys.stderr, flush=True)
-    with tempfile.TemporaryDirectory(prefix="lockstep-failures-") as failures:
-        proc = subprocess.Popen(argv, env={**os.environ, FAILURE_DIR_ENV: failures})
+    out = _open_log(log) if log else contextlib.nullcontext()
+    with out, tempfile.TemporaryDirectory(prefix="lockstep-failures-") as failures:
+        view = None
+        proc = subprocess.Popen(
+            argv, env={**os.environ, FAILURE_DIR_ENV: failures},
+            stderr=subprocess.PIPE if log else None,
+        )  # fmt: skip
         previous = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(s))
         try:
-            code = proc.wait()
-        except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun too; let it finish
-            code = proc.wait()
+            if log:
+                failed = lambda: _a_rank_failed(Path(failures))  # noqa: E731
+                view = _show_and_log(proc, LaunchOutput(out, sys.stderr.buffer, failed))
+            code = _wait(proc)
         finally:
             signal.signal(signal.SIGTERM, previous)
         records = [json.loads(p.read_text()) for p in Path(failures).glob("rank-*.json")]
@@ -70,9 +91,68 @@ def _run_torchrun(argv: list[str], describe: str, ranks: list[int]) -> int:
     if code != 0 and preempted and len(preempted) == len(records) and not launcher:
         return preempted[0]["preempted"]  # every rank stopped on a signal, and said so
     if code != 0:
-        what = first_failure(records, launcher, ranks) or "see above"
+        what = first_failure(records, launcher, ranks)
+        if what is None:
+            words = view.last_error if view else ""
+            what = f"torchrun: {words}" if words else ("see its log" if log else "see above")
+        if view:
+            view.end_line()
         report(TrainingError(f"training failed (exit status {code}); {what}"))
+        if log:
+            print(
+                f"lockstep: torchrun's and every rank's output, tracebacks included: {log} "
+                "(--traceback shows it here)", file=sys.stderr, flush=True,
+            )  # fmt: skip
     return code if code >= 0 else 128 - code
+
+
+def _open_log(log: Path) -> BinaryIO:
+    """The launch log, opened to append; a folder that cannot hold it is one line."""
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        return log.open("ab")
+    except OSError as e:
+        raise LaunchError(
+            f"output_dir: cannot write the launch log {log}: {e.strerror or e}"
+        ) from None
+
+
+def _show_and_log(proc: subprocess.Popen, view: LaunchOutput) -> LaunchOutput:
+    """Feed torchrun's stderr to `view` until it ends. A first Ctrl-C reaches torchrun too
+    (it stops its workers, who save a checkpoint): keep reading what they say meanwhile."""
+    interrupted = False
+    while True:
+        try:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+        except KeyboardInterrupt:
+            if interrupted:
+                raise
+            interrupted = True
+            continue
+        if not chunk:
+            break
+        view.feed(chunk)
+    view.close()
+    return view
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    """torchrun's exit status; a Ctrl-C while waiting lets it finish stopping its workers."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # the terminal sent SIGINT to torchrun too; let it finish
+        return proc.wait()
+
+
+def _a_rank_failed(failures: Path) -> bool:
+    """A rank wrote a failure record (not a stop on a signal, which ends the run in order)."""
+    for path in failures.glob("rank-*.json"):
+        try:
+            if "preempted" not in json.loads(path.read_text()):
+                return True
+        except (OSError, ValueError):
+            return True  # being written: only failures and stops are written
+    return False
 
 
 def _cmd_data_preview(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from lockstep.data import templates
 from lockstep.dist import derive_seed
 from lockstep.errors import CheckpointError, first_line
 from lockstep.model import adapters
-from lockstep.model.load import DTYPES, load_model, load_tokenizer
+from lockstep.model.load import DTYPES, load_model, load_tokenizer, quiet_bars
 from lockstep.training import checkpoint, sharded
 
 
@@ -88,7 +88,8 @@ def export(
     if dtype:
         model = model.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    with quiet_bars():
+        model.save_pretrained(out, safe_serialization=True)
     tokenizer_from_checkpoint(ckpt, cfg).save_pretrained(out)
     print(f"exported {ckpt} ({n_tensors} tensors) to {out}")
     return out

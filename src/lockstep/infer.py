@@ -154,8 +154,11 @@ def _load_builtin(name: str) -> tuple[Any, Any, str]:
 def _load_hf_folder(folder: Path) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM
 
+    from lockstep.model.load import quiet_bars
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
+        with quiet_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
         raise ModelError(f"cannot load the model in {folder}: {first_line(e)}") from None
     return model, _load_tokenizer(folder), str(folder)

@@ -8,11 +8,14 @@ NODE_RANK, MASTER_ADDR, MASTER_PORT.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import BinaryIO, Literal
 
 from lockstep.config import LaunchConfig
 from lockstep.errors import LaunchError
@@ -248,3 +251,111 @@ def first_failure(records: list[dict], launcher: dict[str, dict], ranks: list[in
         _, rank, code = exited[0]
         return f"rank {rank} exited with status {code} without saying why (see its output above)"
     return None
+
+
+# ---------------------------------------------------------------- what the terminal shows
+
+LAUNCH_LOG_DIR = "logs"  # OUTPUT/logs/launch-TIMESTAMP.log: torchrun's and every rank's stderr
+# torchrun's own log lines (glog style: W1130 05:43:51.766000 18637 torch/distributed/run.py:874])
+TORCHRUN_LOG_LINE = re.compile(rb"^[IWEF]\d{4} [\d:.]+ +\d+ torch/")
+RANK_EXCEPTHOOK = re.compile(rb"^\[rank\d+\]: ")  # torch prefixes a rank's uncaught traceback
+TRACEBACK_START = b"Traceback (most recent call last):"
+TRACEBACK_LINKS = (b"During handling of the above exception", b"The above exception was")
+DECIDE_AFTER = 48  # bytes of an unfinished line enough to tell whether it is one of those
+MAY_BE_HELD_BACK = (b"T", b"[", b"I", b"W", b"E", b"F")  # the first bytes of those lines
+
+
+def launch_log_path(output_dir: Path, nnodes: int, node_rank: int) -> Path:
+    """Where `lockstep train` keeps torchrun's and the ranks' stderr of this launch: a new file
+    per launch (a resumed run keeps its earlier logs), one per node on a shared output_dir."""
+    node = f"-node{node_rank}" if nnodes > 1 else ""
+    return output_dir / LAUNCH_LOG_DIR / f"launch-{time.strftime('%Y%m%d-%H%M%S')}{node}.log"
+
+
+class LaunchOutput:
+    """torchrun's stderr (its own and, inherited, every rank's), split between the launch log
+    and the terminal. The log gets every byte. The terminal gets the run live (rank 0's
+    progress bar and log lines, any warning) less what lockstep sums up in one line itself:
+    - Python tracebacks (a rank's, torch's `[rankN]:` copy of it, torchrun's own);
+    - torchrun's log lines: its OMP_NUM_THREADS banner, the signals it sends its workers, its
+      account of a failure;
+    - everything after `failed()` turns true (a rank wrote its failure record): the other
+      ranks' errors are consequences, and `lockstep train` names the cause.
+
+    Lines are decided at their start (a progress bar is redrawn after a carriage return and
+    shown at once, not at its newline). `last_error` keeps the last line of the last traceback
+    held back: the words of a failure no rank recorded (torchrun's own, a rendezvous).
+    """
+
+    def __init__(self, log: BinaryIO, terminal: BinaryIO, failed: Callable[[], bool]) -> None:
+        self.log, self.terminal, self.failed = log, terminal, failed
+        self.pending = b""  # the start of a line, too short yet to decide
+        self.show: bool | None = None  # the decision for the rest of the current line
+        self.in_traceback = False
+        self.at_line_start = True  # the terminal's cursor is at the start of a line
+        self.last_error = ""
+
+    def feed(self, chunk: bytes) -> None:
+        self.log.write(chunk)
+        self.log.flush()
+        data, self.pending = self.pending + chunk, b""
+        if self.show is not None and self._held_back_start(data):
+            self.show = None  # another process's traceback or torchrun's line, after a bar
+        if self.show:  # a line shown so far may go on with a failing rank's words
+            self.show = not self.failed()
+        pieces = [p for p in re.split(rb"(?<=\n)|(?<=\r)|(?=\r)", data) if p]
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            ends = not last or piece.endswith((b"\n", b"\r"))  # a line ends at \n or \r
+            if self.show is None:
+                if not ends and len(piece) < DECIDE_AFTER and piece.startswith(MAY_BE_HELD_BACK):
+                    self.pending = piece
+                    break
+                self.show = self._decide(piece.rstrip(b"\r\n"))
+            if self.show:
+                self.terminal.write(piece)
+                self.at_line_start = piece.endswith(b"\n")
+            if ends:
+                self.show = None
+        self.terminal.flush()
+
+    def close(self) -> None:
+        """The stream ended: decide what was left unfinished."""
+        if self.pending:
+            pending, self.pending = self.pending, b""
+            self.show = self._decide(pending)
+            if self.show:
+                self.terminal.write(pending)
+                self.at_line_start = False
+            self.terminal.flush()
+
+    def end_line(self) -> None:
+        """Move the terminal to a fresh line (after a progress bar) before lockstep's own."""
+        if not self.at_line_start:
+            self.terminal.write(b"\n")
+            self.terminal.flush()
+            self.at_line_start = True
+
+    @staticmethod
+    def _held_back_start(data: bytes) -> bool:
+        """`data` starts a traceback or one of torchrun's lines."""
+        text = RANK_EXCEPTHOOK.sub(b"", data[:DECIDE_AFTER])
+        return text.startswith(TRACEBACK_START) or bool(
+            RANK_EXCEPTHOOK.match(data) or TORCHRUN_LOG_LINE.match(data)
+        )
+
+    def _decide(self, line: bytes) -> bool:
+        text = RANK_EXCEPTHOOK.sub(b"", line)
+        if self.in_traceback:
+            if text[:1].isspace() or not text.strip() or text.startswith(TRACEBACK_LINKS):
+                return False
+            if not text.startswith(TRACEBACK_START):
+                self.in_traceback = False
+                self.last_error = text.decode(errors="replace").strip()
+            return False
+        if text.startswith(TRACEBACK_START):
+            self.in_traceback = True
+            return False
+        if RANK_EXCEPTHOOK.match(line) or TORCHRUN_LOG_LINE.match(line):
+            return False
+        return not self.failed()

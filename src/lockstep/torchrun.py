@@ -4,6 +4,8 @@ The same launcher as `python -m torch.distributed.run`, with two additions for t
 - it dies with whoever started it (the parent-death signal, see launch.die_with_parent), so a
   killed `lockstep train` leaves no launcher, and through the workers' own parent-death
   signal no worker, training on unattended;
+- a Ctrl-C or SIGTERM that stops the run ends it with the signal's exit status, without
+  torchrun's traceback of how its signal handler stopped it (the ranks save and say so);
 - when workers fail, it writes torchrun's own record of how each of them ended (exit status or
   signal) to LOCKSTEP_FAILURE_DIR/launcher.json: a worker killed by the kernel (SIGKILL from
   the out-of-memory killer) writes nothing itself, and only the launcher saw it die.
@@ -35,6 +37,7 @@ def failures_record(failures: dict) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if folder:
             Path(folder, LAUNCHER_RECORD).write_text(json.dumps(failures_record(e.failures)))
         return 1
+    except SignalException as e:  # torchrun stopped its workers on this signal
+        return 128 + int(e.sigval)
     return 0
 
 

@@ -74,7 +74,23 @@ def options(args: argparse.Namespace) -> RunOptions:
     debug_rank = args.debug_rank if args.debug_rank is not None else (
         int(env_rank) if env_rank.isdigit() else None
     )  # fmt: skip
+    if debug_rank is not None:
+        _check_debugger()
     return RunOptions(debug=debug, as_rank=as_rank, debug_rank=debug_rank)
+
+
+def _check_debugger() -> None:
+    """--debug-rank needs debugpy: say so before any process starts (not as the failure of one
+    rank among several, whose peers then fail waiting for it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("debugpy") is None:
+        from lockstep import DISTRIBUTION
+
+        raise LaunchError(
+            f"--debug-rank needs debugpy: pip install '{DISTRIBUTION}[debug]' "
+            "(or pip install debugpy)"
+        )
 
 
 def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
@@ -143,14 +159,8 @@ def _enter_debug_mode(cfg: config_mod.RunConfig, opts: RunOptions) -> None:
 
 
 def _wait_for_debugger(rank: int) -> None:
-    try:
-        import debugpy
-    except ImportError:
-        from lockstep import DISTRIBUTION
+    import debugpy  # options() checked it is installed
 
-        raise LaunchError(
-            f"--debug-rank needs debugpy: pip install '{DISTRIBUTION}[debug]' (or pip install debugpy)"
-        ) from None
     port = 5678 + rank
     debugpy.listen(("127.0.0.1", port))
     print(f"[rank {rank}] waiting for a debugger on 127.0.0.1:{port}", file=sys.stderr, flush=True)

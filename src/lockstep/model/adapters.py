@@ -8,6 +8,7 @@ import torch
 
 from lockstep.config import FinetuneConfig
 from lockstep.errors import ConfigError, ModelError
+from lockstep.model.load import quiet_peft_wrap
 
 
 def check_supported(cfg: FinetuneConfig) -> None:
@@ -62,7 +63,8 @@ def lora(cfg: FinetuneConfig, model: torch.nn.Module, init_seed: int) -> torch.n
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed)
         try:
-            return get_peft_model(model, peft_cfg)
+            with quiet_peft_wrap():
+                return get_peft_model(model, peft_cfg)
         except ValueError as e:
             raise ConfigError(f"finetune.lora: {e}") from None
 

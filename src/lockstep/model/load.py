@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +111,10 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
                     mcfg, dtype=dtype, attn_implementation=attn, **common
                 )
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                where, dtype=dtype, attn_implementation=attn, **common
-            )
+            with quiet_bars(Path(where).is_dir()):  # a hub id may download: its bars stay
+                model = AutoModelForCausalLM.from_pretrained(
+                    where, dtype=dtype, attn_implementation=attn, **common
+                )
     except ModelError:
         raise
     except Exception as e:
@@ -123,3 +127,33 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
 def weights_dtype(cfg: ModelConfig) -> torch.dtype:
     """The dtype the weights are held in: float32 master weights unless model.master_weights=same."""
     return DTYPES[cfg.dtype] if cfg.master_weights == "same" else torch.float32
+
+
+@contextmanager
+def quiet_bars(quiet: bool = True) -> Iterator[None]:
+    """transformers' "Loading weights" / "Writing model shards" progress bars held back while
+    lockstep loads a local folder or writes one: over in seconds, they only cut through
+    lockstep's own lines. Its setting is restored after; a load that may download keeps its
+    download bars (quiet=False: transformers turns both kinds off together)."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def quiet_peft_wrap() -> Iterator[None]:
+    """Wrap a model in PEFT without transformers' `FutureWarning: is_gradient_checkpointing is
+    deprecated`: PEFT reads that property whenever it wraps a model (every LoRA run, eval,
+    export, chat), in its own code, so the user has nothing to change. Other warnings pass."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+        )
+        yield

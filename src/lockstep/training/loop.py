@@ -30,7 +30,7 @@ from lockstep.dist import (
 )
 from lockstep.errors import TrainingError
 from lockstep.model import adapters, attention
-from lockstep.model.load import DTYPES, load_model, load_tokenizer, resolve
+from lockstep.model.load import DTYPES, load_model, load_tokenizer, quiet_bars, resolve
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
@@ -463,7 +463,8 @@ def save_final(
         for peft_cfg in model.peft_config.values():
             peft_cfg.base_model_name_or_path = base
     # state: the full weights gathered from FSDP shards (the model itself holds only a shard)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    with quiet_bars():
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -475,6 +476,7 @@ def _base_for_adapter(cfg: RunConfig, out: Path, tokenizer) -> str:
     if not fresh:
         return str(Path(where).resolve()) if Path(where).exists() else where
     base = out / "base"
-    load_model(cfg.model, derive_seed(cfg.seed, "init")).save_pretrained(base)
+    with quiet_bars():
+        load_model(cfg.model, derive_seed(cfg.seed, "init")).save_pretrained(base)
     tokenizer.save_pretrained(base)
     return str(base.resolve())
