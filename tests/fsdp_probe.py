@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 
 from lockstep import config, dist
+from lockstep.model.attention import Choice
 from lockstep.training import loop, parallel
+
+SDPA = Choice("sdpa", "set by the test")  # one sample per row: no varlen
 
 
 def held_bytes() -> int:
@@ -46,7 +49,7 @@ def held_bytes() -> int:
 def hold(cfg_path: str, out: Path, overrides: list[str]) -> None:
     cfg = config.load(cfg_path, overrides)
     d = dist.setup(60.0)
-    model = loop.build_model(cfg, cfg.seed, d, shared_rows=False)
+    model = loop.build_model(cfg, cfg.seed, d, SDPA)
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     engine = parallel.replicate(cfg, d, parallel.prepare(cfg, d, model))
     ids = torch.randint(4, 500, (2, 32), generator=torch.Generator().manual_seed(d.rank))
