@@ -85,7 +85,9 @@ def test_desync_is_caught_by_the_fingerprint_check(tmp_path, desync, field):
     assert "ranks are out of lockstep" in res.stderr
     table = res.stderr[res.stderr.index("ranks are out of lockstep") :]
     assert f"  {field} " in table and "| rank 1: " in table
-    assert res.stderr.count("lockstep: error: rank ") == 2  # every rank stopped, in words
+    log = next((tmp_path / "out" / "logs").glob("launch-*.log")).read_text()
+    assert log.count("lockstep: error: rank ") == 2  # every rank stopped, in words
+    assert res.stderr.strip().splitlines()[-1].startswith("lockstep: torchrun's and every rank")
     assert not (tmp_path / "out" / "final").exists()
 
 

@@ -173,7 +173,9 @@ def _record_failure(err: BaseException) -> None:
     if not folder:
         return
     rank = int(os.environ.get("RANK", "0"))
-    record = {"rank": rank, "time": time.time(), "error": first_line(err)}
+    # lockstep's own errors are said in full (the out-of-lockstep table); others in one line
+    said = str(err).strip() if isinstance(err, LockstepError) else first_line(err)
+    record = {"rank": rank, "time": time.time(), "error": said or type(err).__name__}
     if _between_ranks(err):
         record["comm"] = True
     if isinstance(err, Preempted):
