@@ -45,16 +45,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return train.run(args, via_lockstep=True)
     argv = launch.torchrun_argv(plan, child, launcher_module="lockstep.torchrun")
     first = plan.node_rank * plan.nproc_per_node
-    return _run_torchrun(argv, plan.describe(), list(range(first, first + plan.nproc_per_node)))
+    describe, env = plan.describe(), {}
+    if launch.visible_gpus() == 0:  # CPU processes share this machine's free cores
+        from lockstep import threads
+
+        env, note = threads.worker_env(os.environ, plan.nproc_per_node)
+        describe += f"; {note}"
+    ranks = list(range(first, first + plan.nproc_per_node))
+    return _run_torchrun(argv, describe, ranks, env)
 
 
-def _run_torchrun(argv: list[str], describe: str, ranks: list[int]) -> int:
-    """Start torchrun, pass signals on, and return its exit status (naming the first failure)."""
+def _run_torchrun(
+    argv: list[str], describe: str, ranks: list[int], env: dict[str, str] | None = None
+) -> int:
+    """Start torchrun (with `env` added to this environment), pass signals on, and return its
+    exit status (naming the first failure)."""
     from lockstep.launch import FAILURE_DIR_ENV, LAUNCHER_RECORD, first_failure
 
     print(f"[lockstep] {describe}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="lockstep-failures-") as failures:
-        proc = subprocess.Popen(argv, env={**os.environ, FAILURE_DIR_ENV: failures})
+        proc = subprocess.Popen(argv, env={**os.environ, **(env or {}), FAILURE_DIR_ENV: failures})
         previous = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(s))
         try:
             code = proc.wait()
