@@ -74,8 +74,9 @@ def condition(name: str, busy: int, steps: int, repeats: int, work: Path) -> dic
     best = min(med.values())
     return {
         "busy_processes": busy,
-        "loadavg_before": os.getloadavg(),
+        "loadavg_after": os.getloadavg(),  # the machine's load, other users' work included
         "median_train_s": med,
+        "min_train_s": {case: min(x["train_s"] for x in rs) for case, rs in runs.items()},
         "default_vs_best": round(med["default"] / best, 3),
         "passes": med["default"] <= TOLERANCE * best,
         "runs": runs,
