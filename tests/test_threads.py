@@ -164,8 +164,9 @@ def test_omp_num_threads_wins_and_is_named(tmp_path: Path) -> None:
 
 def test_a_programs_own_torch_threads_win(tmp_path: Path) -> None:
     cfg = small_config(tmp_path, train={"max_steps": 1})
+    n = threads.this_cpu().logical + 1  # not torch's default on any machine
     program = (
-        "import sys, torch; torch.set_num_threads(3)\n"
+        f"import sys, torch; torch.set_num_threads({n})\n"
         "from lockstep.train import main\n"
         f"sys.exit(main([{str(cfg)!r}]))\n"
     )
@@ -174,7 +175,7 @@ def test_a_programs_own_torch_threads_win(tmp_path: Path) -> None:
                          timeout=HANG_S, cwd=ROOT, env=env)  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
     line = device_line(res.stderr)
-    assert line.endswith("3 intra-op threads (torch.set_num_threads before lockstep started)")
+    assert line.endswith(f"{n} intra-op threads (torch.set_num_threads before lockstep started)")
 
 
 @pytest.mark.slow  # torchrun with 2 processes (~25 s on two busy cores)
