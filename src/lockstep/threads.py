@@ -3,7 +3,7 @@
 torch starts one thread per physical core. The threads of one operation wait for each other at
 its end, spinning while they wait: when other work holds a core, the thread on it falls behind
 and every other thread spins until it catches up, so a run on a busy machine slows several-fold
-(bench/threads.py measured 7-10x on two cores). lockstep therefore looks at the CPU just before a
+(bench/threads.py: 9-24x on two cores). lockstep therefore looks at the CPU just before a
 CPU run starts and leaves out the cores other work is using:
 
     threads = max(1, cores - busy) // processes on this machine (at least 1)

@@ -95,9 +95,9 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
         raise LaunchError("--debug runs one process; start it without torchrun")
     d = dist.setup(cfg.launch.timeout_s)
     logmod.setup(d.rank, d.world_size)
-    logmod.get().info(prepare_device(d))
     finished = False  # every rank got to the end of the run together (the final wait is safe)
     try:
+        logmod.get().info(prepare_device(d))
         if opts.debug:
             _enter_debug_mode(cfg, opts)
         else:
