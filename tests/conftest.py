@@ -16,12 +16,28 @@ EXAMPLES = ROOT / "src" / "lockstep" / "examples"  # the shipped example configs
 DEMO_DATA = EXAMPLES / "data" / "demo_train.jsonl"
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd=None):
-    """Run `python -m lockstep ARGS` as a user would; return the CompletedProcess."""
+# a subprocess timeout only catches a hang: a busy machine makes runs many times slower
+HANG_S = 1800.0
+
+
+def pytest_configure(config) -> None:
+    """Every run of the suite uses one CPU thread per process unless OMP_NUM_THREADS is set:
+    lockstep's own choice follows the machine's load (lockstep.threads), which would make the
+    suite's speed depend on other work and let two runs that a test compares bit for bit use
+    different counts. tests/test_threads.py removes it to test that choice."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_cli(
+    *args: str, env: dict[str, str | None] | None = None, timeout: float = HANG_S, cwd=None
+):
+    """Run `python -m lockstep ARGS` as a user would; return the CompletedProcess. `env` is added
+    to this environment; a name given None is removed."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env.pop(
         "LOCKSTEP_TRACEBACK", None
     ) if env is None or "LOCKSTEP_TRACEBACK" not in env else None
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     return subprocess.run(
         [sys.executable, "-m", "lockstep", *args],
         capture_output=True,

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import HANG_S, ROOT, run_cli
 
 EVAL = ROOT / "src" / "lockstep" / "examples" / "data" / "demo_eval.jsonl"
 COUNT, UPPER = "Count the words.", "Uppercase the words."
@@ -54,7 +54,7 @@ def start_chat(*args: str, stdin: str = "") -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=HANG_S)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -81,6 +81,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "demo",  # the shipped example, by name
         f"output_dir={out}",
         "train.max_steps=250",
+        "batch.micro_size=16",  # one forward per step: the same global batch, fewer calls
         f"data.cache_dir={tmp / 'cache'}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -149,7 +150,7 @@ def test_ctrl_c_stops_the_reply_and_eof_ends_the_session() -> None:
             seen += char
         time.sleep(1.0)  # generating now
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)  # closes stdin: EOF at the next prompt
+        out, err = proc.communicate(timeout=HANG_S)  # closes stdin: EOF at the next prompt
     finally:
         proc.kill()
     assert proc.returncode == 0, err

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT, run_cli, small_config
+from conftest import HANG_S, ROOT, run_cli, small_config
 from safetensors.torch import load_file
 
 from lockstep import config
@@ -27,7 +27,7 @@ def start(cfg, *args: str, preexec=None) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = HANG_S) -> None:
     deadline = time.monotonic() + timeout
     path = out / "metrics.jsonl"
     while time.monotonic() < deadline:
@@ -111,7 +111,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path):
     cfg = small_config(tmp_path, train={"max_steps": 5}, checkpoint={"every_steps": 5})
     assert run_cli("train", str(cfg)).returncode == 0
     proc = start(cfg, "train.max_steps=10", preexec=_limit_file_size)  # "disk full" at 1 MiB
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 1
     assert "lockstep: error: cannot write checkpoint" in err and "step-00000010" in err
     assert "the previous checkpoint is untouched" in err and "Traceback" not in err
@@ -127,7 +127,7 @@ def test_sigterm_saves_and_the_run_continues(tmp_path):
     proc = start(cfg)
     wait_for_step(tmp_path / "out", 3, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "stopped by SIGTERM after step" in err and "Run the same command again" in err
     saved = [p for p in (tmp_path / "out" / "checkpoints").iterdir()]
@@ -217,7 +217,7 @@ def test_sigterm_during_a_replay_stops_without_saving(tmp_path):
     proc = start(cfg, "--debug", "--as-rank", "1/2")
     wait_for_step(tmp_path / "out", 2, proc)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "(a replay saves nothing)" in err and "Traceback" not in err
     assert not (tmp_path / "out" / "checkpoints").exists()
@@ -292,7 +292,7 @@ def test_sigterm_to_every_process_with_data_workers_saves_and_resumes_exactly(tm
     )  # fmt: skip
     wait_for_step(tmp_path / "b" / "out", 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM after step" in err and "Traceback" not in err
     saved = checkpoint_folders(tmp_path / "b" / "out")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, small_config
+from conftest import HANG_S, ROOT, run_cli, small_config
 from safetensors.torch import load_file
 
 from lockstep import config as config_mod
@@ -212,7 +212,7 @@ def probe(tmp_path, name: str, *overrides: str, mode: str = "hold") -> list[dict
     cfg = small_config(folder)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "fsdp_probe.py"), mode, str(cfg), str(folder), *overrides]  # fmt: skip
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads((folder / f"rank-{r}.json").read_text()) for r in range(2)]
 
@@ -264,7 +264,7 @@ def kill_9_job(cfg) -> list[int]:
     return killed
 
 
-def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = HANG_S) -> None:
     deadline = time.monotonic() + timeout
     path = out / "metrics.jsonl"
     while time.monotonic() < deadline:
@@ -335,7 +335,7 @@ def test_fsdp_with_frozen_weights_resumes_exactly_after_kill_9_and_exports(tmp_p
 def test_fsdp_sees_a_rank_that_built_different_weights(tmp_path):
     cfg = small_config(tmp_path, testing={"desync": "seed", "desync_rank": 1},
                        launch={"timeout_s": 30})  # fmt: skip
-    res = run_cli("train", str(cfg), "--nproc-per-node", "2", "train.strategy=fsdp", timeout=120)
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2", "train.strategy=fsdp")
     assert res.returncode != 0
     table = res.stderr[res.stderr.index("ranks are out of lockstep") :]
     assert "  params_checksum " in table and "| rank 1: " in table
@@ -369,7 +369,7 @@ def test_two_nodes_train_as_hsdp_with_ddps_numbers(runs):
     args = ("--nnodes", "2", "--nproc-per-node", "1", "--master-port", port,
             "train.strategy=fsdp", "batch.micro_size=2")  # fmt: skip
     nodes = [start(cfg, *args, "--node-rank", str(n)) for n in range(2)]
-    results = [node.communicate(timeout=300) for node in nodes]
+    results = [node.communicate(timeout=HANG_S) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], results[0][1][-3000:]
     assert "HSDP over 2 nodes: sharded within a node (1 process(es))" in results[0][1]
     ddp, hsdp = train_rows(runs["ddp"]), train_rows(folder / "out")

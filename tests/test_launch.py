@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_cli, small_config
+from conftest import HANG_S, ROOT, run_cli, small_config
 
 from lockstep.config import LaunchConfig
 from lockstep.errors import LaunchError
@@ -156,7 +156,7 @@ def test_two_nodes_on_one_machine(tmp_path, alpaca_file):
         )  # fmt: skip
         for r in (0, 1)
     ]
-    outs = [p.communicate(timeout=300) for p in procs]
+    outs = [p.communicate(timeout=HANG_S) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(read(tmp_path / "out" / "metrics.jsonl")) == 3
     assert "2 processes" in outs[0][1]
@@ -206,12 +206,12 @@ def test_a_failing_rank_ends_the_run_naming_it(tmp_path, alpaca_file):
         alpaca_file,
         train={"max_steps": 50},
         testing={"fail_at_step": 2, "fail_rank": 1},
-        launch={"timeout_s": 30},
+        launch={"timeout_s": 900},
     )
     t0 = time.monotonic()
-    res = run_cli("train", str(cfg), "--nproc-per-node", "2", timeout=120)
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2")
     assert res.returncode != 0
-    assert time.monotonic() - t0 < 90
+    assert time.monotonic() - t0 < 600  # rank 0 was stopped, not left to time out (900 s)
     assert "rank 1 failed first: injected failure at step 2" in res.stderr
     ps = subprocess.run(["pgrep", "-f", str(cfg)], capture_output=True, text=True)
     assert ps.stdout.strip() == "", "a rank is still running"
@@ -338,7 +338,7 @@ def _start_two_process_run(tmp_path, alpaca_file, **launch):
         start_new_session=True,
     )  # fmt: skip
     metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_S
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.2)
@@ -370,7 +370,7 @@ def test_killing_the_launchers_process_group_leaves_no_worker(tmp_path, alpaca_f
     assert len(_workers(cfg)) == 2
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # returns as soon as they are gone
     while _workers(cfg) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _workers(cfg) == {}, "a worker outlived its launcher"
@@ -389,7 +389,7 @@ def test_a_killed_or_stopped_rank_is_named(tmp_path, alpaca_file, sig, expected)
     cfg, proc = _start_two_process_run(tmp_path, alpaca_file)
     os.kill(_workers(cfg)[1], getattr(signal, sig))
     try:
-        _, err = proc.communicate(timeout=150)
+        _, err = proc.communicate(timeout=HANG_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -433,7 +433,7 @@ def test_a_hub_name_that_cannot_be_reached_fails_at_once(tmp_path):
     t0 = time.monotonic()
     res = run_cli("train", str(small_config(tmp_path)), "model.path=no-such-org/no-such-model",
                   env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
-    assert res.returncode != 0 and time.monotonic() - t0 < 30
+    assert res.returncode != 0 and time.monotonic() - t0 < 120  # no download attempts
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("lockstep: error: model.path 'no-such-org/no-such-model' is not a local")
     assert "HF_HUB_OFFLINE is set" in last and "huggingface-cli download" in last

@@ -77,11 +77,11 @@ def test_agreed_seed_with_two_processes(tmp_path):
 @pytest.mark.parametrize(("desync", "field"), [("seed", "seed"), ("data", "data_fingerprint")])
 def test_desync_is_caught_by_the_fingerprint_check(tmp_path, desync, field):
     cfg = small_config(tmp_path, testing={"desync": desync, "desync_rank": 1},
-                       launch={"timeout_s": 30})  # fmt: skip
+                       launch={"timeout_s": 900})  # fmt: skip
     t0 = time.monotonic()
-    res = run_cli("train", str(cfg), "--nproc-per-node", "2", timeout=120)
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2")
     assert res.returncode != 0
-    assert time.monotonic() - t0 < 60
+    assert time.monotonic() - t0 < 600  # stopped by the check, not by a timeout (900 s)
     assert "ranks are out of lockstep" in res.stderr
     table = res.stderr[res.stderr.index("ranks are out of lockstep") :]
     assert f"  {field} " in table and "| rank 1: " in table
@@ -120,7 +120,7 @@ def test_ranks_wait_for_rank_0_tokenising_longer_than_the_collective_timeout(tmp
     cfg = small_config(tmp_path, data, launch={"timeout_s": 10}, train={"max_steps": 2},
                        data={"eval": [{"path": str(DEMO_DATA)}]})  # fmt: skip
     t0 = time.monotonic()
-    res = run_cli("train", str(cfg), "--nproc-per-node", "2", timeout=600)
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2")
     took = time.monotonic() - t0
     assert res.returncode == 0, res.stderr
     assert (

@@ -51,15 +51,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return train.run(args, via_lockstep=True)
     argv = launch.torchrun_argv(plan, child, launcher_module="lockstep.torchrun")
     first = plan.node_rank * plan.nproc_per_node
+    describe, env = plan.describe(), {}
+    if launch.visible_gpus() == 0:  # CPU processes share this machine's free cores
+        from lockstep import threads
+
+        env, note = threads.worker_env(os.environ, plan.nproc_per_node)
+        describe += f"; {note}"
     ranks = list(range(first, first + plan.nproc_per_node))
     log = None
     if not show_traceback(args.traceback):
         log = launch.launch_log_path(Path(cfg.output_dir), plan.nnodes, plan.node_rank)
-    return _run_torchrun(argv, plan.describe(), ranks, log)
+    return _run_torchrun(argv, describe, ranks, log, env)
 
 
-def _run_torchrun(argv: list[str], describe: str, ranks: list[int], log: Path | None) -> int:
-    """Start torchrun, pass signals on, and return its exit status, naming the first failure.
+def _run_torchrun(
+    argv: list[str], describe: str, ranks: list[int], log: Path | None, env: dict[str, str]
+) -> int:
+    """Start torchrun (with `env` added to this environment), pass signals on, and return its
+    exit status, naming the first failure.
 
     With `log`, torchrun's stderr (its own and every rank's) is written there whole and shown
     on the terminal less tracebacks and torchrun's own lines (launch.LaunchOutput); a failure
@@ -73,7 +82,7 @@ def _run_torchrun(argv: list[str], describe: str, ranks: list[int], log: Path | 
     with out, tempfile.TemporaryDirectory(prefix="lockstep-failures-") as failures:
         view = None
         proc = subprocess.Popen(
-            argv, env={**os.environ, FAILURE_DIR_ENV: failures},
+            argv, env={**os.environ, **env, FAILURE_DIR_ENV: failures},
             stderr=subprocess.PIPE if log else None,
         )  # fmt: skip
         previous = signal.signal(signal.SIGTERM, lambda s, f: proc.send_signal(s))

@@ -113,6 +113,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     logmod.setup(d.rank, d.world_size)
     finished = False  # every rank got to the end of the run together (the final wait is safe)
     try:
+        logmod.get().info(prepare_device(d))
         if opts.debug:
             _enter_debug_mode(cfg, opts)
         else:
@@ -131,6 +132,19 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
     finally:
         dist.teardown(d, finished)
     return 0
+
+
+def prepare_device(d: dist.Dist) -> str:
+    """The start-up line naming this rank's device; on the CPU, the intra-op threads are chosen
+    first (lockstep.threads: the user's count, else the cores other work leaves free)."""
+    import torch
+
+    from lockstep import threads
+
+    if d.device.type == "cuda":
+        props = torch.cuda.get_device_properties(d.device)
+        return threads.gpu_line(str(d.device), props.name, props.total_memory)
+    return threads.cpu_line(*threads.setup_cpu(os.environ))
 
 
 def _enter_debug_mode(cfg: config_mod.RunConfig, opts: RunOptions) -> None:
