@@ -102,3 +102,29 @@ def test_a_replay_says_what_it_did_and_keeps_the_runs_metrics(tmp_path: Path) ->
     assert "rank 1's share of each step" in done
     assert not (out / "final").exists() and not (out / "metrics.jsonl").exists()
     assert len((out / "metrics-replay-rank1-of-2.jsonl").read_text().splitlines()) == 2
+
+
+def test_eval_show_prints_the_first_eval_prompts_before_and_after(
+    tmp_path: Path, alpaca_file: Path
+) -> None:
+    cfg = small_config(tmp_path, data={"eval": [{"path": str(alpaca_file)}]},
+                       eval={"show": 3}, train={"max_steps": 2})  # fmt: skip
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    text = res.stderr.split("what training changed, on the first 3 eval prompts:\n")[1]
+    lines = text.splitlines()
+    assert [c.strip() for c in lines[0].split(" | ")] == ["prompt", "data says", "before training", "after training",
+                                     "right"], lines[0]  # fmt: skip
+    rows = [[c.strip() for c in row.split(" | ")] for row in lines[2:5]]
+    # the user's message as trained (template markup left out), the data's answer
+    assert [r[:2] for r in rows] == [[f"Uppercase the words. word{i} river", f"WORD{i} RIVER"]
+                                     for i in range(3)]  # fmt: skip
+    right = sum(r[4] == "yes" for r in rows)
+    assert re.fullmatch(rf"after training {right} of 3 answers are the data's \(before: \d of 3\);"
+                        r" greedy, eval.show=3", lines[5]), lines[5]  # fmt: skip
+
+
+def test_eval_show_needs_eval_prompts(tmp_path: Path) -> None:
+    res = run_cli("train", str(small_config(tmp_path, eval={"show": 2})))
+    assert res.returncode == 2 or res.returncode == 1, res.stderr
+    assert "eval.show=2 answers eval prompts, but there are none" in res.stderr

@@ -18,7 +18,7 @@ import torch
 from lockstep.data.dataset import Samples
 from lockstep.data.render import IGNORE
 
-WIDTH = 36  # characters a cell shows at most
+WIDTHS = (52, 30, 30, 30, 5)  # characters each column shows at most
 
 
 @dataclass
@@ -110,12 +110,14 @@ def render(rows: list[Row]) -> str:
     right_before = sum(r.before == r.expected for r in rows)
     head = ("prompt", "data says", "before training", "after training", "right")
     cells = [
-        (r.prompt, r.expected, r.before, r.after, "yes" if r.after == r.expected else "no")
+        (r.prompt, r.expected, r.before or "(nothing)", r.after or "(nothing)",
+         "yes" if r.after == r.expected else "no")
         for r in rows
-    ]
-    widths = [max(len(_cut(c[k])) for c in [head, *cells]) for k in range(len(head))]
-    lines = [" | ".join(_cut(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in [head, *cells]]  # fmt: skip
+    ]  # fmt: skip
+    cut = [[_cut(c, w) for c, w in zip(row, WIDTHS, strict=True)] for row in [head, *cells]]
+    widths = [max(len(row[k]) for row in cut) for k in range(len(head))]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cut]  # fmt: skip
     lines.insert(1, "-+-".join("-" * w for w in widths))
     lines.append(
         f"after training {right_after} of {len(rows)} answers are the data's (before: "
@@ -124,5 +126,5 @@ def render(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _cut(s: str) -> str:
-    return s if len(s) <= WIDTH else s[: WIDTH - 3] + "..."
+def _cut(s: str, width: int) -> str:
+    return s if len(s) <= width else s[: width - 3] + "..."
