@@ -18,7 +18,7 @@ import torch
 from lockstep.data.dataset import Samples
 from lockstep.data.render import IGNORE
 
-WIDTHS = (52, 30, 30, 30, 5)  # characters each column shows at most
+WIDTHS = (64, 30, 30, 30, 5)  # characters each column shows at most
 
 
 @dataclass
