@@ -39,7 +39,7 @@ def run_demo(threads: str | None, steps: int, work: Path) -> dict:
         env["OMP_NUM_THREADS"] = threads
     out = work / f"run-{time.monotonic_ns()}"
     argv = [
-        sys.executable, "-m", "lockstep", "train", "examples/demo.yaml", f"output_dir={out}",
+        sys.executable, "-m", "lockstep", "train", "demo", f"output_dir={out}",
         f"train.max_steps={steps}", "checkpoint.resume=never", f"data.cache_dir={work / 'cache'}",
     ]  # fmt: skip
     start = time.perf_counter()

@@ -197,3 +197,17 @@ def test_folder_that_is_no_model_is_refused(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"lockstep: error: folder '{tmp_path}' has neither config.json" in proc.stderr
     assert "adapter_config.json" in proc.stderr and "builtin:tiny" in proc.stderr
+
+
+def test_interactive_input_of_several_lines() -> None:
+    # the trained prompt shape "instruction, blank line, input" typed two ways: a block between
+    # lines of """ (pasted text, blank line kept) and lines ending in a backslash
+    typed = '"""\nCount the words.\n\nred blue green\n"""\nCount the words.\\\n\\\nred blue\n'
+    proc = finish(start_chat("builtin:tiny", "--temperature", "0", "--max-new-tokens", "1",
+                             "--show-prompt", stdin=typed))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    prompts = proc.stderr.split("[lockstep] prompt:\n")[1:]
+    assert len(prompts) == 2, proc.stderr
+    assert "<|im_start|>user\nCount the words.\n\nred blue green<|im_end|>" in prompts[0]
+    assert "<|im_start|>user\nCount the words.\n\nred blue<|im_end|>" in prompts[1]
+    assert proc.stdout.count("assistant> ") == 2, proc.stdout

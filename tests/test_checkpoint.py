@@ -27,9 +27,11 @@ def start(cfg, *args: str, preexec=None) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = HANG_S) -> None:
+def wait_for_step(
+    out, step: int, proc: subprocess.Popen, timeout: float = HANG_S, name: str = "metrics.jsonl"
+) -> None:
     deadline = time.monotonic() + timeout
-    path = out / "metrics.jsonl"
+    path = out / name
     while time.monotonic() < deadline:
         if path.is_file():
             rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
@@ -215,7 +217,7 @@ def test_export_a_checkpoint_to_a_hugging_face_folder(tmp_path):
 def test_sigterm_during_a_replay_stops_without_saving(tmp_path):
     cfg = small_config(tmp_path, train={"max_steps": 400})
     proc = start(cfg, "--debug", "--as-rank", "1/2")
-    wait_for_step(tmp_path / "out", 2, proc)
+    wait_for_step(tmp_path / "out", 2, proc, name="metrics-replay-rank1-of-2.jsonl")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 128 + signal.SIGTERM, err

@@ -181,7 +181,7 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from lockstep.export import export
 
-    export(Path(args.source), Path(args.out), args.dtype, args.trust_remote_code)
+    export(Path(args.source), Path(args.out), args.dtype, args.trust_remote_code, args.overwrite)
     return 0
 
 
@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a run's output_dir (its newest checkpoint) or a checkpoint")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights")
+    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     _add_trust_flag(p)
     p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     p.set_defaults(func=_cmd_export)

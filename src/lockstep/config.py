@@ -227,6 +227,10 @@ class CheckpointConfig(Section):
 class EvalConfig(Section):
     every_steps: PosInt | None = None
     """Compute eval_loss / eval_ppl over the whole eval set every N steps (and at the end)."""
+    show: Annotated[int, Field(ge=0, le=100)] = 0
+    """At the end of a run, answer the first N eval samples' prompts greedily with the model as
+    it was before training and as trained, and print them side by side with the answers the
+    data gives (0: no table). Loads the model's starting weights once more on rank 0."""
 
 
 class LogConfig(Section):
@@ -455,6 +459,11 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
         )
     if cfg.data.eval and cfg.data.val_fraction:
         raise ConfigError("set data.eval or data.val_fraction, not both")
+    if cfg.eval.show and not (cfg.data.eval or cfg.data.val_fraction):
+        raise ConfigError(
+            f"eval.show={cfg.eval.show} answers eval prompts, but there are none: set data.eval "
+            "(datasets like data.train) or data.val_fraction (e.g. 0.05), or eval.show=0"
+        )
     if cfg.data.template and cfg.data.chat_template:
         raise ConfigError(
             "set data.template (a built-in template) or data.chat_template (your own), not both"

@@ -5,6 +5,7 @@ Full and freeze runs are written as trained; a LoRA run's adapter is merged into
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from lockstep import config as config_mod
 from lockstep.data import templates
 from lockstep.dist import derive_seed
-from lockstep.errors import CheckpointError, first_line
+from lockstep.errors import CheckpointError, LockstepError, first_line
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES, load_model, load_tokenizer, quiet_bars
 from lockstep.training import checkpoint, sharded
@@ -76,20 +77,40 @@ def tokenizer_from_checkpoint(ckpt: Path, cfg: config_mod.RunConfig):
         ) from None
 
 
+def check_out(out: Path, overwrite: bool) -> bool:
+    """Whether `out` holds something export would replace; refused unless `overwrite` (the
+    user's --overwrite), checked before any model loads."""
+    if out.exists() and not out.is_dir():
+        raise LockstepError(f"--out {out} is a file; give a folder to write the model to")
+    taken = out.is_dir() and any(out.iterdir())
+    if taken and not overwrite:
+        raise LockstepError(
+            f"--out {out} already holds files; choose another folder, or add --overwrite to "
+            "replace what is in it"
+        )
+    return taken
+
+
 def export(
-    source: Path, out: Path, dtype: str | None = None, trust_remote_code: bool = False
-) -> Path:
+    source: Path, out: Path, dtype: str | None = None, trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> Path:  # fmt: skip
     """Write checkpoint (or run) `source` as a Hugging Face folder `out`; remote code runs only
-    with `trust_remote_code` (the user's --trust-remote-code)."""
+    with `trust_remote_code` (the user's --trust-remote-code). A folder `out` that holds files
+    is refused unless `overwrite`; then it is emptied first, so no file of the old model stays."""
+    taken = check_out(out, overwrite)
     ckpt = resolve_checkpoint(source)
     model, cfg, n_tensors = model_from_checkpoint(ckpt, trust_remote_code)
     if adapters.is_peft(model):  # LoRA: fold the adapter into the base weights
         model = model.merge_and_unload()
     if dtype:
         model = model.to(DTYPES[dtype])
+    tokenizer = tokenizer_from_checkpoint(ckpt, cfg)
+    if taken:
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     with quiet_bars():
         model.save_pretrained(out, safe_serialization=True)
-    tokenizer_from_checkpoint(ckpt, cfg).save_pretrained(out)
-    print(f"exported {ckpt} ({n_tensors} tensors) to {out}")
+    tokenizer.save_pretrained(out)
+    print(f"exported {ckpt} ({n_tensors} tensors) to {out}" + (" (replaced)" if taken else ""))
     return out

@@ -30,6 +30,8 @@ KINDS = (
 )
 PROMPT = "you> "
 REPLY = "assistant> "
+MORE = "...> "  # the prompt of a message's next line
+BLOCK = '"""'  # a line of its own that opens and closes a multi-line message
 
 
 @dataclass
@@ -249,15 +251,18 @@ def _load_tokenizer(folder: Path) -> Any:
 
 def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> int:
     """Read a line, answer it; input() works the same on a terminal and on a pipe."""
-    print("[lockstep] /reset clears the conversation, /exit ends", file=sys.stderr, flush=True)
+    print(
+        '[lockstep] /reset clears the conversation, /exit ends; several lines: end a line with \\ '
+        'to go on, or put them between two lines of """',
+        file=sys.stderr, flush=True,
+    )  # fmt: skip
     keep = len(history)  # the system message survives /reset
     while True:
         try:
-            line = input(PROMPT)
+            text = read_message().strip()
         except EOFError:
             print(flush=True)
             return 0
-        text = line.strip()
         if not text:  # an accidental Enter is not a turn
             continue
         if text in ("/exit", "/quit"):
@@ -275,6 +280,23 @@ def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace
             print("\n(reply stopped)", flush=True)
             continue
         print(flush=True)
+
+
+def read_message(ask=input) -> str:
+    """One user message from `ask` (input): a line; lines ending in a backslash go on on the
+    next line (the backslash dropped); a line of three double quotes opens a block that ends at
+    the next such line, for pasted text with blank lines. EOFError when input ends first."""
+    line = ask(PROMPT)
+    if line.strip() == BLOCK:
+        lines: list[str] = []
+        while (line := ask(MORE)).strip() != BLOCK:
+            lines.append(line)
+        return "\n".join(lines)
+    lines = []
+    while line.endswith("\\"):
+        lines.append(line[:-1])
+        line = ask(MORE)
+    return "\n".join([*lines, line])
 
 
 def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> str:

@@ -83,12 +83,25 @@ class Samples:
         positions = self.position_ids[:-1] if self.position_ids is not None else None
         return Samples(self.input_ids[:-1], self.labels[:-1], fp, dict(self.stats), positions)
 
-    def subset(self, indices: list[int], tag: str) -> Samples:
-        """Some of the samples (a held-out split), with a fingerprint of its own."""
-        fp = hashlib.sha256(f"{self.fingerprint}|{tag}|{len(indices)}".encode()).hexdigest()[:16]
+    def subset(self, indices: list[int]) -> Samples:
+        """Some of the samples (a held-out split), with stats counting only them.
+
+        The fingerprint stays the data's (the one its cache file is named by): which samples a
+        split takes follows from the data, the seed and the split's settings, all checked.
+        Counts of the build (records, truncated, skipped, notes) stay those of all the data.
+        """
         pos = [self.position_ids[i] for i in indices] if self.position_ids is not None else None
         ids, labels = [self.input_ids[i] for i in indices], [self.labels[i] for i in indices]
-        return Samples(ids, labels, fp, dict(self.stats, samples=len(indices)), pos)
+        stats = dict(
+            self.stats,
+            samples=len(indices),
+            tokens=sum(len(x) for x in ids),
+            target_tokens=sum(int((lab != IGNORE).sum()) for lab in labels),
+            max_len=max((len(x) for x in ids), default=0),
+        )
+        if pos is not None:  # packed: each row holds several samples, each starting at 0
+            stats.update(samples=sum(int((p == 0).sum()) for p in pos), packs=len(indices))
+        return Samples(ids, labels, self.fingerprint, stats, pos)
 
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))

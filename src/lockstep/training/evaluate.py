@@ -37,7 +37,9 @@ def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samp
     val = sorted(rng.permutation(n)[:k].tolist())
     held = set(val)
     train = [i for i in range(n) if i not in held]
-    return samples.subset(train, "train-part"), samples.subset(val, "validation")
+    part, held_out = samples.subset(train), samples.subset(val)
+    part.stats["held_out"] = held_out.stats["samples"]  # said in the start-up log's data line
+    return part, held_out
 
 
 def eval_data(cfg) -> DataConfig | None:

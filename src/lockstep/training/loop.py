@@ -23,6 +23,7 @@ from lockstep.data.order import PAD, Order, batch_sha
 from lockstep.dist import (
     Dist,
     agree_seed,
+    all_reduce_sum,
     check_lockstep,
     derive_seed,
     main_first,
@@ -31,6 +32,7 @@ from lockstep.dist import (
 from lockstep.errors import TrainingError
 from lockstep.model import adapters, attention
 from lockstep.model.load import DTYPES, load_model, load_tokenizer, quiet_bars, resolve
+from lockstep.report import compare
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
 from lockstep.report.plot import plot_loss
@@ -76,7 +78,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         checkpoint.check_config_change(loaded, cfg)
     with main_first(d):
         if not loaded and cfg.checkpoint.overwrite and d.is_main:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
+            _delete_checkpoints(ckpt_root)
 
     # a configured seed wins (a changed one is refused above unless forced); null inherits
     inherited = loaded.state["seed"] if loaded and cfg.seed is None else cfg.seed
@@ -102,6 +104,8 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     lengths = samples.lengths() if cfg.data.group_by_length else None
     order = Order(seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, world, lengths)
     steps = total_steps(cfg, order)
+    if loaded and _already_complete(loaded, steps, out, d):
+        return out
     support = attention.model_support(cfg.model)
     mean_length = samples.stats["tokens"] / max(len(samples), 1)
     free = attention.padding_free(cfg, d.device, mean_length, support)
@@ -125,11 +129,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         if note:
             log.warning(note)
         if start_step >= steps:
-            log.info(
-                f"the run is already complete ({start_step} of {steps} steps): nothing to train. "
-                "To train again: a new output_dir, or checkpoint.resume=never "
-                "checkpoint.overwrite=true"
-            )
+            log.info(f"the run's {steps} steps are done; writing its final/ model, missing so far")
     if not rng_restored:  # a new run, or a rank the checkpoint's world did not have
         seed_rank_rngs(seed, rank, start_step)
     _log_plan(cfg, samples, order, steps, world, model, free)
@@ -145,10 +145,11 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     )  # fmt: skip
 
     saver = checkpoint.Saver(ckpt_root, cfg.checkpoint.keep_last, rank, tokenizer, d.world_size)
+    metrics_file = out / (_replay_name(rank, world) if opts.as_rank else "metrics.jsonl")
     if d.is_main:
-        truncate_after(out / "metrics.jsonl", start_step)  # rows past the checkpoint: redone
-    tb_dir = out / "tensorboard" if cfg.log.tensorboard else None
-    metrics = MetricsWriter(out / "metrics.jsonl", enabled=d.is_main, tensorboard=tb_dir)
+        truncate_after(metrics_file, start_step)  # rows past the checkpoint: redone
+    tb_dir = out / "tensorboard" if cfg.log.tensorboard and not opts.as_rank else None
+    metrics = MetricsWriter(metrics_file, enabled=d.is_main, tensorboard=tb_dir)
     ids_log = _sample_id_log(cfg, out, rank, world, start_step)
     stop = StopFlag().install()
     bar = tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train", unit="step",
@@ -216,13 +217,84 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
         if ids_log:
             ids_log.close()
 
-    full = final_state(cfg, d, engine, model) if not opts.as_rank else None
-    if d.is_main and not opts.as_rank:
+    took = time.perf_counter() - start
+    if opts.as_rank:
+        log.info(_replay_summary(rank, world, start_step, steps, took, metrics_file))
+        return out
+    full = final_state(cfg, d, engine, model)
+    if d.is_main:
         final = save_final(model, tokenizer, out, cfg, full)
         plot_loss(out / "metrics.jsonl", out / "loss.png")
-        took = time.perf_counter() - start
         log.info(f"done in {took:.1f}s; model: {final}; curve: {out / 'loss.png'}")
+        if cfg.eval.show and eval_samples is not None:
+            trained = load_final(final) if parallel.sharded(cfg, d) else model
+            log.info(before_after(cfg, trained, tokenizer, eval_samples))
     return out
+
+
+def before_after(cfg: RunConfig, trained: torch.nn.Module, tokenizer, eval_samples) -> str:
+    """The eval.show table: the first eval prompts answered by the model the run started from
+    (built again from the seed, or loaded) and by `trained`."""
+    device = next(trained.parameters()).device
+    start = load_model(cfg.model, derive_seed(cfg.seed, "init")).to(device)
+    rows = compare.table(start, trained, tokenizer, eval_samples, cfg.eval.show)
+    return f"what training changed, on the first {len(rows)} eval prompts:\n{compare.render(rows)}"
+
+
+def load_final(final: Path) -> torch.nn.Module:
+    """The trained model from its final/ folder (a full model, or an adapter on its base)."""
+    from lockstep import infer
+
+    return infer.load(str(final)).model
+
+
+def _delete_checkpoints(root: Path) -> None:
+    """checkpoint.overwrite with resume=never: delete the earlier run's checkpoints, and say so."""
+    found = checkpoint.complete_checkpoints(root)
+    shutil.rmtree(root, ignore_errors=True)
+    if found:
+        logmod.get().warning(
+            f"checkpoint.overwrite=true: deleted {len(found)} checkpoint(s) of an earlier run in "
+            f"{root} (newest: {found[-1].name}); training from step 0"
+        )
+
+
+def _already_complete(loaded: checkpoint.Loaded, steps: int, out: Path, d: Dist) -> bool:
+    """Whether the checkpoint to resume from ends the run and rank 0 sees its final/ model:
+    then nothing is trained or rewritten (rank 0 decides, so every rank returns together).
+    A finished run without final/ (stopped while writing it) goes on to write it."""
+    done = int(loaded.state["step"])
+    if done < steps:
+        return False
+    seen = d.is_main and (out / "final").is_dir()
+    if not all_reduce_sum([float(seen)], d)[0]:
+        return False
+    logmod.get().info(
+        f"the run is already complete ({done} of {steps} steps, model in {out / 'final'}): "
+        "nothing to train, nothing rewritten. To train more: raise train.max_steps (or "
+        "train.epochs); to train afresh: a new output_dir, or checkpoint.resume=never "
+        "checkpoint.overwrite=true"
+    )
+    return True
+
+
+def _replay_name(rank: int, world: int) -> str:
+    """A replay's metrics file: the run's own metrics.jsonl is left as the run wrote it."""
+    return f"metrics-replay-rank{rank}-of-{world}.jsonl"
+
+
+def _replay_summary(
+    rank: int, world: int, start: int, steps: int, took: float, metrics_file: Path
+) -> str:
+    """What a replay (--debug --as-rank) did, and why its numbers are not the run's."""
+    return (
+        f"replay of rank {rank} of {world} done: steps {start + 1}-{steps} in {took:.1f}s; "
+        f"losses in {metrics_file}. No checkpoint and no final/ model are written (a replay "
+        f"is for stepping through rank {rank}'s batches). Its losses are rank "
+        f"{rank}'s share of each step (its micro-batches' loss over the whole global batch's "
+        f"target tokens; the {world} ranks' shares add up to the run's loss), and its weights "
+        "get only this rank's gradients, so they drift from the real run after the first step"
+    )
 
 
 def build_model(cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice) -> torch.nn.Module:
@@ -387,8 +459,10 @@ def _log_plan(
     log = logmod.get()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     st = samples.stats
+    held = st.get("held_out")
+    held = f" ({held} more held out: data.val_fraction={cfg.data.val_fraction})" if held else ""
     log.info(
-        f"data: {st['samples']} samples from {st.get('records', st['samples'])} records, "
+        f"data: {st['samples']} samples{held} from {st.get('records', st['samples'])} records, "
         f"{st['tokens']} tokens ({st['target_tokens']} trained); "
         f"longer than {cfg.data.max_length}: {st['truncated']} truncated, {st['dropped']} "
         f"dropped; fingerprint {samples.fingerprint}"
@@ -405,9 +479,10 @@ def _log_plan(
         )
     for warn, line in describe(st, cfg.data):
         (log.warning if warn else log.info)(f"data: {line}")
+    unit = "packed sequences" if "packs" in st else "samples"
     log.info(
-        f"plan: {steps} optimizer steps ({order.steps_per_epoch}/epoch) of {order.global_size} "
-        f"samples = {world} process(es) x {order.accumulation} accumulation x "
+        f"plan: {steps} optimizer steps ({_epochs(cfg, order, steps)}) of {order.global_size} "
+        f"{unit} = {world} process(es) x {order.accumulation} accumulation x "
         f"{order.micro_size} micro-batch; {trainable / 1e6:.2f}M trainable parameters"
     )
     log.info(f"finetune: {adapters.describe(cfg.finetune, model)}")
@@ -416,6 +491,17 @@ def _log_plan(
         f"{', grouped by length' if cfg.data.group_by_length else ''} (data.padding_free="
         f"{cfg.data.padding_free}, data.group_by_length={cfg.data.group_by_length})"
     )
+
+
+def _epochs(cfg: RunConfig, order: Order, steps: int) -> str:
+    """How many epochs `steps` make, and which setting decided it."""
+    per = order.steps_per_epoch
+    if not cfg.train.max_steps:
+        return f"{cfg.train.epochs} epoch(s) of {per} steps: train.epochs"
+    epochs = f"{steps / per:.2f} epochs of {per} steps"
+    if steps != cfg.train.epochs * per:
+        return f"{epochs}: train.max_steps={steps} wins over train.epochs={cfg.train.epochs}"
+    return f"{epochs}: train.max_steps"
 
 
 def fingerprint_fields(
