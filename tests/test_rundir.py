@@ -80,10 +80,11 @@ def test_a_second_run_into_a_busy_output_dir_is_refused_on_every_rank(tmp_path):
         assert "Traceback" not in res.stderr
         res = run_cli("train", str(cfg), "train.max_steps=2", "--nproc-per-node", "2")
         assert res.returncode == 1, res.stderr
-        for rank in (0, 1):  # every rank stopped, in words (torchrun adds its own report)
-            assert f"lockstep: error: rank {rank}: output_dir {tmp_path / 'out'} is in use" in (
-                res.stderr
-            )
+        cause = res.stderr.strip().splitlines()[-2]
+        assert cause.startswith("lockstep: error: training failed") and "is in use" in cause
+        log = max((tmp_path / "out" / "logs").glob("launch-*.log")).read_text()
+        for rank in (0, 1):  # every rank stopped, in words (in the launch log)
+            assert f"lockstep: error: rank {rank}: output_dir {tmp_path / 'out'} is in use" in log
         assert first.poll() is None  # the first run trains on, undisturbed
         assert not (tmp_path / "out" / "checkpoints").exists()
     finally:
