@@ -48,6 +48,7 @@ def run_demo(threads: str | None, steps: int, work: Path) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"the demo failed:\n{res.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "elapsed_s" in r]  # training rows (not the eval row at the end)
     line = next(x for x in res.stderr.splitlines() if "device: cpu" in x)
     used = int(re.search(r"(\d+) intra-op thread", line).group(1))
     return {"train_s": rows[-1]["elapsed_s"], "wall_s": round(wall, 2), "threads": used,
