@@ -32,6 +32,7 @@ PY
 if [ -n "$old" ]; then
     echo "setup: removing this checkout's install under its old name (lockstep)"
     "${PIP[@]}" uninstall -q -y lockstep
+    rm -rf src/lockstep.egg-info  # its metadata, left in the source tree by the old install
 fi
 echo "setup: installing lockstep (as lockstep-finetune, editable) and its dependencies"
 "${PIP[@]}" install -q -e ".[dev]"
