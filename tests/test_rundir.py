@@ -22,7 +22,7 @@ from test_checkpoint import start, wait_for_step
 
 from lockstep import config as config_mod
 from lockstep.errors import CheckpointError
-from lockstep.training import checkpoint, rundir
+from lockstep.training import checkpoint, rundir, sharded
 
 HOLD = """
 import sys, time
@@ -205,7 +205,7 @@ def test_a_sharded_checkpoint_missing_a_shard_file_is_never_complete(tmp_path):
     saver.write_rank_files(4)
     _dcp_save(saver.tmp_dir(4) / "sharded")
     shards = list((saver.tmp_dir(4) / "sharded").glob("*.distcp"))
-    assert shards and checkpoint.missing_shard_files(saver.tmp_dir(4)) == []
+    assert shards and sharded.missing_files(saver.tmp_dir(4)) == []
     shards[0].unlink()  # written by a rank on another node
     with pytest.raises(CheckpointError, match=f"sharded/{shards[0].name}.*storage shared"):
         saver.write_shared(4, *_saver_inputs(tmp_path))
@@ -242,7 +242,7 @@ def _fake_checkpoint(tmp_path: Path, **model) -> Path:
 def test_dcp_metadata_that_would_run_code_is_refused_before_dcp_reads_it(tmp_path):
     ckpt = _fake_checkpoint(tmp_path)
     _dcp_save(ckpt / "sharded")
-    checkpoint.check_sharded_metadata(ckpt)  # real DCP metadata passes
+    sharded.check_metadata(ckpt)  # real DCP metadata passes
     marker = tmp_path / "ran"
     (ckpt / "sharded" / ".metadata").write_bytes(pickle.dumps(_RunsCode(marker)))
     res = run_cli("export", str(ckpt), "--out", str(tmp_path / "hf"))

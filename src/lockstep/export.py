@@ -55,7 +55,6 @@ def model_from_checkpoint(
     model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
     model = adapters.apply(cfg.finetune, model, derive_seed(cfg.seed, "adapter"))
     if sharded.is_sharded(ckpt):
-        checkpoint.check_sharded_metadata(ckpt)  # before DCP unpickles it
         return model, cfg, sharded.load_weights(ckpt, model)
     return model, cfg, len(checkpoint.load_weights(ckpt, model))
 

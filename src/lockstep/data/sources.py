@@ -177,7 +177,8 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _surrogate_escape(text: str) -> bool:
-    """JSON text with a \\udXXX escape: the only way a JSON string can hold a UTF-16 surrogate."""
+    """JSON text with a \\ud800-\\udfff escape: the only way a JSON string can hold a UTF-16
+    surrogate."""
     return "\\ud" in text or "\\uD" in text
 
 
@@ -218,7 +219,9 @@ def _checked(obj: Any, where: str, surrogates: bool = False) -> Record:
     if not isinstance(obj, dict):
         return Record(where, {}, f"expected a JSON object, got {type(obj).__name__}")
     if surrogates and _has_lone_surrogate(obj):
-        return Record(where, {}, "a string holds an unpaired UTF-16 surrogate (\\udXXX): not text")
+        return Record(
+            where, {}, "a string holds an unpaired UTF-16 surrogate (\\ud800-\\udfff): not text"
+        )
     return Record(where, obj)
 
 

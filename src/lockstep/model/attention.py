@@ -32,7 +32,7 @@ import torch
 from lockstep.config import ModelConfig, RunConfig
 from lockstep.errors import ConfigError, ModelError, first_line
 from lockstep.model.adapters import causal_lm
-from lockstep.model.load import resolve
+from lockstep.model.load import load_config
 
 FLASH = "flash_attention_2"
 FLASH_MIN_VERSION = (2, 3, 3)  # the oldest flash-attn 2 transformers accepts
@@ -75,16 +75,9 @@ def model_support(cfg: ModelConfig) -> Support:
     A model whose class is not one transformers ships (remote code) has unknown (None) flags:
     transformers then chooses its kernel (sdpa where the class has it, else eager).
     """
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    where, _ = resolve(cfg.path)
-    try:
-        mcfg = AutoConfig.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
-        raise ModelError(
-            f"model.path {cfg.path!r}: cannot load the model config: {first_line(e)}"
-        ) from None
+    mcfg = load_config(cfg)
     text = mcfg.get_text_config() if hasattr(mcfg, "get_text_config") else mcfg
     softcap = getattr(text, "attn_logit_softcapping", None) is not None
     try:

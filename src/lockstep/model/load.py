@@ -53,6 +53,19 @@ def resolve(path: str) -> tuple[str, bool]:
     return path, False  # a hub id
 
 
+def load_config(cfg: ModelConfig) -> Any:
+    """The model's transformers config (no weights), errors in words."""
+    from transformers import AutoConfig
+
+    where, _ = resolve(cfg.path)
+    try:
+        return AutoConfig.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
+        raise ModelError(
+            f"model.path {cfg.path!r}: cannot load the model config: {first_line(e)}"
+        ) from None
+
+
 def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> Any:
     """The model's tokenizer; `chat_template` (data/templates.configured) replaces its template,
     so the run's template is the one that renders the data and is saved with the model."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -230,7 +229,7 @@ class Saver:
             if not (tmp / f"rng-rank-{r}.pt").is_file()
         ]
         if sharded.is_sharded(tmp):
-            missing += [f"{sharded.FOLDER}/{f}" for f in missing_shard_files(tmp)]
+            missing += [f"{sharded.FOLDER}/{f}" for f in sharded.missing_files(tmp)]
         if missing:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(
@@ -441,7 +440,6 @@ def load_into(
         )
     try:
         if sharded.is_sharded(path):
-            check_sharded_metadata(path)
             sharded.load(path, engine, optimizer)
         else:
             load_weights(path, engine.model)
@@ -487,71 +485,3 @@ def earlier_checkpoint_hint(path: Path) -> str:
         ". No earlier complete checkpoint: start over with checkpoint.resume=never "
         "checkpoint.overwrite=true"
     )
-
-
-# ---------------------------------------------------------------- sharded metadata
-
-# what a DCP `.metadata` pickle may name: its metadata classes and the torch types they hold
-_DCP_CLASSES = {
-    "torch.distributed.checkpoint.metadata": {
-        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
-        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
-    },
-    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.serialization": {"_get_layout"},
-    "torch": {"Size"},
-    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-    "collections": {"OrderedDict"},
-}  # fmt: skip
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP metadata and nothing else: any other global is refused, not imported."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name in _DCP_CLASSES.get(module, ()):
-            return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds")
-
-
-def read_sharded_metadata(path: Path) -> Any:
-    """The DCP metadata of checkpoint `path` (path/sharded/.metadata), read without running code.
-
-    DCP itself reads this file with pickle.load, which can run any code a crafted file names:
-    lockstep reads it first with an unpickler that allows only DCP's metadata classes, and
-    refuses the checkpoint in one line otherwise.
-    """
-    meta = path / sharded.FOLDER / ".metadata"
-    try:
-        with meta.open("rb") as f:
-            return _MetadataUnpickler(f).load()
-    except OSError as e:
-        raise CheckpointError(f"cannot read {meta}: {e.strerror or e}") from None
-    except Exception as e:  # UnpicklingError, EOFError, and what a damaged pickle raises
-        raise CheckpointError(
-            f"refusing sharded checkpoint {path}: {meta} is not plain DCP metadata "
-            f"({first_line(e)}); it was not written by lockstep, or is damaged"
-        ) from None
-
-
-def missing_shard_files(path: Path) -> list[str]:
-    """The shard files that checkpoint `path`'s DCP metadata names and its folder lacks."""
-    folder = path / sharded.FOLDER
-    if not (folder / ".metadata").is_file():
-        return [".metadata"]
-    storage = getattr(read_sharded_metadata(path), "storage_data", None) or {}
-    files = sorted({str(getattr(info, "relative_path", "")) for info in storage.values()})
-    return [f for f in files if not f or not (folder / f).is_file()]
-
-
-def check_sharded_metadata(path: Path) -> None:
-    """Refuse a sharded checkpoint whose metadata is not plain DCP metadata (before DCP reads
-    it with pickle) or that lacks a shard file its metadata names."""
-    missing = missing_shard_files(path)
-    if missing:
-        raise CheckpointError(
-            f"sharded checkpoint {path} lacks {', '.join(missing[:4])} in {sharded.FOLDER}/: "
-            "it is incomplete (written to a disk the other ranks could not see?)"
-        )

@@ -9,11 +9,13 @@ ones. The final model is gathered into one Hugging Face folder on rank 0.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from lockstep.errors import CheckpointError
+from lockstep.errors import CheckpointError, first_line
 
 FOLDER = "sharded"
 
@@ -64,8 +66,11 @@ def load_weights(path: Path, model: torch.nn.Module) -> int:
 
 
 def _read(path: Path, state: dict) -> None:
-    """Fill `state` (resharded to this rank's shards) from path/sharded, errors in words."""
+    """Fill `state` (resharded to this rank's shards) from path/sharded, errors in words; the
+    metadata is checked first (check_metadata), since DCP reads it with pickle."""
     import torch.distributed.checkpoint as dcp
+
+    check_metadata(path)
 
     try:
         dcp.load(state, checkpoint_id=str(path / FOLDER))
@@ -99,3 +104,71 @@ def full_state(engine: torch.nn.Module, trainable_only: bool = False) -> dict[st
         for k, v in state.items()
         if k.startswith(prefix) and k[len(prefix) :] not in tied
     }
+
+
+# ---------------------------------------------------------------- sharded metadata
+
+# what a DCP `.metadata` pickle may name: its metadata classes and the torch types they hold
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata and nothing else: any other global is refused, not imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP metadata never holds")
+
+
+def read_metadata(path: Path) -> Any:
+    """The DCP metadata of checkpoint `path` (path/sharded/.metadata), read without running code.
+
+    DCP itself reads this file with pickle.load, which can run any code a crafted file names:
+    lockstep reads it first with an unpickler that allows only DCP's metadata classes, and
+    refuses the checkpoint in one line otherwise.
+    """
+    meta = path / FOLDER / ".metadata"
+    try:
+        with meta.open("rb") as f:
+            return _MetadataUnpickler(f).load()
+    except OSError as e:
+        raise CheckpointError(f"cannot read {meta}: {e.strerror or e}") from None
+    except Exception as e:  # UnpicklingError, EOFError, and what a damaged pickle raises
+        raise CheckpointError(
+            f"refusing sharded checkpoint {path}: {meta} is not plain DCP metadata "
+            f"({first_line(e)}); it was not written by lockstep, or is damaged"
+        ) from None
+
+
+def missing_files(path: Path) -> list[str]:
+    """The shard files that checkpoint `path`'s DCP metadata names and its folder lacks."""
+    folder = path / FOLDER
+    if not (folder / ".metadata").is_file():
+        return [".metadata"]
+    storage = getattr(read_metadata(path), "storage_data", None) or {}
+    files = sorted({str(getattr(info, "relative_path", "")) for info in storage.values()})
+    return [f for f in files if not f or not (folder / f).is_file()]
+
+
+def check_metadata(path: Path) -> None:
+    """Refuse a sharded checkpoint whose metadata is not plain DCP metadata (before DCP reads
+    it with pickle) or that lacks a shard file its metadata names."""
+    missing = missing_files(path)
+    if missing:
+        raise CheckpointError(
+            f"sharded checkpoint {path} lacks {', '.join(missing[:4])} in {FOLDER}/: "
+            "it is incomplete (written to a disk the other ranks could not see?)"
+        )
