@@ -2,10 +2,10 @@
 
 `python -m torch.distributed.run ... tests/fsdp_probe.py MODE CFG OUT_DIR [key=value ...]`:
 
-- `hold`: builds the model with lockstep's own functions (loop.build_model,
+- `hold`: builds the model with lockstep's own functions (build.build_model,
   parallel.prepare/replicate), runs one optimizer step of two accumulated micro-batches through
   parallel.gradient_sync, counts the bytes of every tensor the process holds after each
-  backward, gathers what final/ needs (loop.final_state); writes OUT_DIR/rank-R.json.
+  backward, gathers what final/ needs (final.final_state); writes OUT_DIR/rank-R.json.
 - `end`: a whole run through lockstep.train.main; writes OUT_DIR/rank-R.json with the time
   main returned on this rank (its process group already torn down).
 """
@@ -23,7 +23,8 @@ import torch
 
 from lockstep import config, dist
 from lockstep.model.attention import Choice
-from lockstep.training import loop, parallel
+from lockstep.training import build, final, parallel
+from lockstep.training.objective import objective
 
 SDPA = Choice("sdpa", "set by the test")  # one sample per row: no varlen
 
@@ -49,9 +50,9 @@ def held_bytes() -> int:
 def hold(cfg_path: str, out: Path, overrides: list[str]) -> None:
     cfg = config.load(cfg_path, overrides)
     d = dist.setup(60.0)
-    model = loop.build_model(cfg, cfg.seed, d, SDPA)
+    model = build.build_model(cfg, cfg.seed, d, SDPA)
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
-    engine = parallel.replicate(cfg, d, parallel.prepare(cfg, d, model))
+    engine = parallel.replicate(cfg, d, parallel.prepare(cfg, d, model, objective(cfg)))
     ids = torch.randint(4, 500, (2, 32), generator=torch.Generator().manual_seed(d.rank))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     after_backward = []
@@ -59,11 +60,11 @@ def hold(cfg_path: str, out: Path, overrides: list[str]) -> None:
         with parallel.gradient_sync(engine, last=micro == 1):
             engine(batch).backward()
         after_backward.append(held_bytes())
-    final = loop.final_state(cfg, d, engine, model)
+    gathered = final.final_state(cfg, d, model)
     report = {
         "whole_model_bytes": whole,
         "held_after_backward": after_backward,
-        "final_keys": sorted(final) if final is not None else None,
+        "final_keys": sorted(gathered) if gathered is not None else None,
     }
     (out / f"rank-{d.rank}.json").write_text(json.dumps(report))
     dist.teardown(d, finished=True)

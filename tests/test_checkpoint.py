@@ -415,3 +415,56 @@ def test_resuming_with_another_thread_count_says_it_is_not_bit_exact(tmp_path):
     assert "OMP_NUM_THREADS=1" in res.stderr
     res = run_cli("train", str(cfg), "train.max_steps=4", env={"OMP_NUM_THREADS": "2"})
     assert res.returncode == 0 and "CPU threads" not in res.stderr  # step 3 was written with 2
+
+
+# ---------------------------------------------------------------- checkpoints of earlier versions
+
+OLD = ROOT / "tests" / "fixtures" / "checkpoints-0.1.0"
+
+
+@pytest.mark.parametrize("layout", ["plain", pytest.param("sharded", marks=pytest.mark.slow)])
+def test_a_checkpoint_written_by_lockstep_0_1_0_resumes_where_that_run_went_on(tmp_path, layout):
+    """Checkpoints written by lockstep 0.1.0 (a LoRA run stopped after step 2 of 4; `sharded`:
+    FSDP on 2 processes, keyed under the loss module's attribute) resume in this version: the
+    steps after the checkpoint log what the 0.1.0 run that was not stopped logged."""
+    lora = {"method": "lora", "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}
+    cfg = small_config(
+        tmp_path, finetune=lora, train={"max_steps": 4, "strategy": "fsdp" if layout == "sharded" else "ddp"},
+        data={"train": [{"path": "builtin:demo_train.jsonl", "format": "alpaca"}]},
+        checkpoint={"every_steps": 2},
+    )  # fmt: skip
+    shutil.copytree(
+        OLD / layout / "step-00000002", tmp_path / "out" / "checkpoints" / "step-00000002"
+    )
+    args = ["--nproc-per-node", "2"] if layout == "sharded" else []
+    res = run_cli("train", str(cfg), *args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step-00000002 at step 2 (checkpoint.resume)" in res.stderr
+    rows = {r["step"]: r for r in read(tmp_path / "out" / "metrics.jsonl") if "loss" in r}
+    expected = {r["step"]: r for r in read(OLD / layout / "uninterrupted-metrics.jsonl")}
+    assert sorted(rows) == [3, 4]
+    for step in (3, 4):
+        assert rows[step]["batch_sha"] == expected[step]["batch_sha"]
+        for key in ("loss", "grad_norm", "lr"):
+            assert rows[step][key] == pytest.approx(expected[step][key], rel=1e-5), (step, key)
+
+
+def test_sharded_checkpoints_are_keyed_by_the_models_own_parameter_names(tmp_path):
+    """The keys of a sharded checkpoint are the trained model's parameter names (PEFT's, for a
+    LoRA run), whatever module the loop wraps the model in; state.json says so."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lockstep.training import sharded
+
+    lora = {"method": "lora", "lora": {"r": 2, "target_modules": ["q_proj", "v_proj"]}}
+    cfg = small_config(tmp_path, finetune=lora, train={"max_steps": 1, "strategy": "fsdp"})
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = tmp_path / "out" / "checkpoints" / "step-00000001"
+    assert json.loads((ckpt / "state.json").read_text())["sharded_names"] == "model"
+    keys = {k for k in sharded.read_metadata(ckpt).state_dict_metadata if k.startswith("model.")}
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "base")
+    trained = PeftModel.from_pretrained(base, tmp_path / "out" / "final")
+    trains = {f"model.{n}" for n, p in trained.named_parameters() if "lora_" in n}
+    assert trains <= keys <= {f"model.{n}" for n in trained.state_dict()}

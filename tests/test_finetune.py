@@ -121,7 +121,7 @@ def test_mixed_precision_holds_frozen_weights_in_bfloat16(tmp_path, base, finetu
     from lockstep import config
     from lockstep.dist import Dist
     from lockstep.model import attention
-    from lockstep.training.loop import build_model
+    from lockstep.training.build import build_model
 
     cfg = config.load(small_config(tmp_path, model={"path": str(base), "dtype": "bfloat16"},
                                    finetune=finetune))  # fmt: skip

@@ -21,7 +21,7 @@ from lockstep.dist import Dist
 from lockstep.errors import ConfigError
 from lockstep.model.attention import Choice
 from lockstep.report.metrics import read
-from lockstep.training import loop, parallel
+from lockstep.training import build, parallel
 
 SDPA = Choice("sdpa", "set by the test")  # one sample per row: no varlen
 
@@ -182,7 +182,7 @@ def test_fsdp_builds_the_model_on_the_cpu_and_shards_it_from_there(tmp_path):
     cfg = fsdp_config(tmp_path)
     gpu_rank = Dist(rank=1, world_size=2, local_rank=1, device=torch.device("cuda", 1))
     assert parallel.load_device(cfg, gpu_rank) == torch.device("cpu")
-    model = loop.build_model(cfg, 7, gpu_rank, SDPA)
+    model = build.build_model(cfg, 7, gpu_rank, SDPA)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     one = Dist(device=torch.device("cuda", 0))  # one process: nothing to shard, on its device
     assert parallel.load_device(cfg, one) == torch.device("cuda", 0)

@@ -154,7 +154,7 @@ def test_resume_reads_optimizer_state_saved_on_a_gpu_onto_this_ranks_device(tmp_
     opt2 = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0)
     loaded = checkpoint.Loaded(ckpt, {"step": 1}, {})
-    assert checkpoint.load_into(loaded, fresh, opt2, sched2, rank=0) is False
+    assert checkpoint.load_into(loaded, fresh.model, opt2, sched2, rank=0) is False
     for p, q in zip(engine.parameters(), fresh.parameters(), strict=True):
         a, b = optimizer.state[p], opt2.state[q]
         assert b["exp_avg"].device == q.device and torch.equal(a["exp_avg"], b["exp_avg"])

@@ -3,7 +3,7 @@ gets alone.
 
     python bench/gpu/isolation.py CONFIG [key=value ...] [--json PATH]
 
-The model is built as `lockstep train CONFIG` builds it (training/loop.build_model with samples
+The model is built as `lockstep train CONFIG` builds it (training/build.build_model with samples
 sharing rows, so model.attn_implementation=auto picks what a packed run gets, then
 training/parallel.prepare), and it runs through the same module and precision the training step
 uses. Five samples of random tokens are packed into 2 rows by data/packing.pack and collated by
@@ -116,7 +116,8 @@ def check(cfg, report: Path | None = None) -> dict:
     from lockstep.model import attention
     from lockstep.model.adapters import causal_lm
     from lockstep.model.load import load_tokenizer
-    from lockstep.training import loop, parallel
+    from lockstep.training import build, parallel
+    from lockstep.training.objective import objective
 
     d = dist.setup()
     tok = load_tokenizer(cfg.model)
@@ -128,8 +129,8 @@ def check(cfg, report: Path | None = None) -> dict:
         entry: dict = {"lockstep_choice": k == 0}
         try:
             choice = attention.Choice(name, "checked by bench/gpu/isolation.py")
-            model = loop.build_model(run_cfg, cfg.seed or 0, d, choice)
-            engine = parallel.prepare(run_cfg, d, model)
+            model = build.build_model(run_cfg, cfg.seed or 0, d, choice)
+            engine = parallel.prepare(run_cfg, d, model, objective(run_cfg))
             vocab = min(len(tok), causal_lm(model).get_input_embeddings().num_embeddings)
             entry.update(compare(engine, run_cfg, d, tok.pad_token_id, vocab, choice.varlen))
             entry["ok"] = entry["rel_diff"] <= TOLERANCE < entry["leak_rel_diff"]

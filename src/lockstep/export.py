@@ -16,7 +16,7 @@ from lockstep.dist import derive_seed
 from lockstep.errors import CheckpointError, LockstepError, first_line
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES, load_model, load_tokenizer, quiet_bars
-from lockstep.training import checkpoint, sharded
+from lockstep.training import checkpoint
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -54,9 +54,7 @@ def model_from_checkpoint(
     cfg = checkpoint_config(ckpt, trust_remote_code)
     model = load_model(cfg.model, derive_seed(cfg.seed, "init"))
     model = adapters.apply(cfg.finetune, model, derive_seed(cfg.seed, "adapter"))
-    if sharded.is_sharded(ckpt):
-        return model, cfg, sharded.load_weights(ckpt, model)
-    return model, cfg, len(checkpoint.load_weights(ckpt, model))
+    return model, cfg, checkpoint.load_trained(ckpt, model)
 
 
 def tokenizer_from_checkpoint(ckpt: Path, cfg: config_mod.RunConfig):

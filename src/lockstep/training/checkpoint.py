@@ -8,14 +8,19 @@ Layout: OUTPUT/checkpoints/step-00000100/
   scheduler.pt           scheduler state  (idem)
   rng-rank-R.pt          python, numpy, torch and CUDA generator states of rank R
   state.json             step, epoch, samples consumed, seed, config hash, world size, version,
-                         the losses since the last logged step (log_window)
+                         data fingerprint, CPU threads, the losses since the last logged step
+                         (log_window); `sharded_names` when sharded/ is keyed by the language
+                         model's own parameter names (training/sharded.py)
   config.yaml            the resolved config of the run that wrote it
   tokenizer/             the run's tokenizer, with the chat template it trained with
   COMPLETE               written last; a folder without it does not exist for any reader
 
-A checkpoint is written into `.tmp-step-...`, flushed, checked to hold every rank's files,
-marked COMPLETE, then renamed into place; older checkpoints are deleted only after the new one is
-complete. Nothing loaded can run code: tensors load with weights_only=True onto the CPU (the
+The whole protocol lives here: `prepare_resume` (every rank, before anything is built) and
+`Saver.save` (every rank, at each checkpoint step). A checkpoint is written into
+`.tmp-step-...`: every rank writes its RNG state (and, with train.strategy=fsdp, its shards),
+all ranks meet, then rank 0 writes the shared files, flushes, checks that every rank's files are
+there, marks it COMPLETE and renames it into place while the others wait (as long as that
+takes); older checkpoints are deleted only after the new one is complete. Nothing loaded can run code: tensors load with weights_only=True onto the CPU (the
 optimizer moves its state to its parameters' device), and a sharded checkpoint's `.metadata`
 pickle is read with an unpickler that knows only DCP's metadata classes before DCP reads it.
 """
@@ -34,11 +39,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from lockstep import config as config_mod
 from lockstep.config import RunConfig
+from lockstep.data.order import Order
+from lockstep.dist import Dist, main_first
 from lockstep.errors import CheckpointError, first_line
+from lockstep.report import log as logmod
 from lockstep.training import sharded
 
 COMPLETE = "COMPLETE"
@@ -150,13 +159,49 @@ def _fsync_tree(path: Path) -> None:
 
 @dataclass
 class Saver:
-    """Writes checkpoints of one run. Every rank calls save(); rank 0 writes the shared files."""
+    """Writes the checkpoints of one run: every rank calls `save`; rank 0 writes the shared files.
+
+    `sharded`: the checkpoint holds DCP shards (train.strategy=fsdp, any world size) instead of
+    model.safetensors + optimizer.pt, decided once for the run (`for_run`).
+    """
 
     root: Path
     keep_last: int | None
     rank: int
     tokenizer: Any = None  # saved into every checkpoint: its chat template is the trained one
     world: int = 1  # ranks that write their files into each checkpoint
+    sharded: bool = False
+    dist: Dist | None = None  # the run's processes (None: this one alone)
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, d: Dist, tokenizer: Any) -> Saver:
+        return cls(
+            root=Path(cfg.output_dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+            rank=d.rank, tokenizer=tokenizer, world=d.world_size,
+            sharded=cfg.train.strategy == "fsdp", dist=d,
+        )  # fmt: skip
+
+    def save(
+        self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+        scheduler: Any, state: dict[str, Any], cfg: RunConfig,
+    ) -> Path:  # fmt: skip
+        """Every rank: checkpoint `step` of `model` (the language model: its trainable weights,
+        or this rank's shards of them), `optimizer`, `scheduler` and `state` (state.json, see
+        run_state). Returns the complete checkpoint's folder."""
+        d = self.dist or Dist()
+        self.write_rank_files(step)
+        if self.sharded:
+            self.write_sharded(step, model, optimizer)
+        if d.distributed:
+            tdist.barrier()  # every rank's files are written before rank 0 checks them
+        path = self.root / folder_name(step)
+        with main_first(d):  # the others wait while rank 0 completes the folder
+            if d.is_main:
+                state = {**state, "world_size": self.world}
+                if self.sharded:
+                    state["sharded_names"] = sharded.NAMES
+                path = self.write_shared(step, model, optimizer, scheduler, state, cfg)
+        return path
 
     def tmp_dir(self, step: int) -> Path:
         return self.root / f"{TMP_PREFIX}{folder_name(step)}"
@@ -171,11 +216,11 @@ class Saver:
             why = why_not_written(e, tmp)
             raise CheckpointError(f"cannot write checkpoint into {tmp}: {why}") from None
 
-    def write_sharded(self, step: int, engine: torch.nn.Module, optimizer) -> None:
+    def write_sharded(self, step: int, model: torch.nn.Module, optimizer) -> None:
         """FSDP: every rank writes its shards of the weights and optimizer state (collective)."""
         tmp = self.tmp_dir(step)
         try:
-            sharded.save(tmp, engine, optimizer)
+            sharded.save(tmp, model, optimizer)
         except Exception as e:  # OSError, or DCP's own wrapper of it
             why = why_not_written(e, tmp)
             raise CheckpointError(f"cannot write sharded checkpoint into {tmp}: {why}") from None
@@ -193,7 +238,7 @@ class Saver:
         tmp, final = self.tmp_dir(step), self.root / folder_name(step)
         self._check_every_rank_wrote(tmp, final)
         try:
-            if not sharded.is_sharded(tmp):
+            if not self.sharded:
                 save_file(trainable_state(model), tmp / "model.safetensors")
                 torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -277,9 +322,64 @@ def why_not_written(e: BaseException, folder: Path, free: int | None = None) -> 
 
 @dataclass
 class Loaded:
+    """A complete checkpoint found to resume from: its folder, state.json and config.yaml."""
+
     path: Path
     state: dict[str, Any]
     config: dict[str, Any]
+
+
+def prepare_resume(cfg: RunConfig, d: Dist) -> Loaded | None:
+    """Every rank, before anything is built: the checkpoint this run resumes from (None: a new
+    run), checked against the config. Rank 0 first removes the leftovers of interrupted saves
+    and, for a new run with checkpoint.overwrite, an earlier run's checkpoints; the other ranks
+    wait for it as long as that takes (deleting a large folder may outlast launch.timeout_s)."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    with main_first(d):
+        if d.is_main:
+            for leftover in clean_incomplete(root):
+                logmod.get().info(
+                    f"removed an incomplete checkpoint (an interrupted save): {leftover}"
+                )
+    found = find_resume(cfg)
+    loaded = read(found) if found else None
+    if loaded:
+        check_config_change(loaded, cfg)
+    with main_first(d):
+        if not loaded and cfg.checkpoint.overwrite and d.is_main:
+            delete_all(root)
+    return loaded
+
+
+def delete_all(root: Path) -> None:
+    """checkpoint.overwrite with resume=never: delete the earlier run's checkpoints, and say so."""
+    found = complete_checkpoints(root)
+    shutil.rmtree(root, ignore_errors=True)
+    if found:
+        logmod.get().warning(
+            f"checkpoint.overwrite=true: deleted {len(found)} checkpoint(s) of an earlier run in "
+            f"{root} (newest: {found[-1].name}); training from step 0"
+        )
+
+
+def run_state(
+    cfg: RunConfig, order: Order, step: int, data_fingerprint: str, log_window: list[float]
+) -> dict[str, Any]:
+    """What state.json says of the run after `step` steps (Saver.save adds the world size and,
+    for a sharded checkpoint, its key names)."""
+    from lockstep import __version__
+
+    return {
+        "step": step,
+        "epoch": order.epoch_of(step),
+        "samples_consumed": step * order.global_size,
+        "seed": cfg.seed,
+        "config_hash": config_mod.config_hash(cfg),
+        "lockstep_version": __version__,
+        "data_fingerprint": data_fingerprint,
+        "log_window": list(log_window),
+        "threads": torch.get_num_threads(),  # CPU results depend on it (bit-exact resume)
+    }
 
 
 def find_resume(cfg: RunConfig) -> Path | None:
@@ -418,21 +518,29 @@ def load_weights(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def load_trained(path: Path, model: torch.nn.Module) -> int:
+    """The trained weights of checkpoint `path` into a whole model in one process (export), in
+    either layout; the number of tensors loaded."""
+    if sharded.is_sharded(path):
+        return sharded.load_weights(path, model, read(path).state.get("sharded_names"))
+    return len(load_weights(path, model))
+
+
 def load_into(
     loaded: Loaded,
-    engine: torch.nn.Module,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     rank: int,
-    is_sharded: bool = False,
+    params_sharded: bool = False,
 ) -> bool:
     """Restore weights, optimizer, scheduler and (if saved for this rank) RNG; True if RNG was.
 
-    `engine`: the loss module holding the language model as .model; `is_sharded`: its
-    parameters are FSDP shards (only a sharded checkpoint loads into them).
+    `model`: the language model (with its adapters); `params_sharded`: its parameters are FSDP
+    shards (only a sharded checkpoint loads into them).
     """
     path = loaded.path
-    if is_sharded and not sharded.is_sharded(path):
+    if params_sharded and not sharded.is_sharded(path):
         raise CheckpointError(
             f"checkpoint {path} was written with train.strategy=ddp; FSDP on several processes "
             "loads only sharded checkpoints (written with train.strategy=fsdp). Resume this run "
@@ -440,9 +548,9 @@ def load_into(
         )
     try:
         if sharded.is_sharded(path):
-            sharded.load(path, engine, optimizer)
+            sharded.load(path, model, optimizer, loaded.state.get("sharded_names"))
         else:
-            load_weights(path, engine.model)
+            load_weights(path, model)
             optimizer.load_state_dict(load_tensors(path / "optimizer.pt"))
         scheduler.load_state_dict(load_tensors(path / "scheduler.pt"))
         rng_file = path / f"rng-rank-{rank}.pt"

@@ -1,8 +1,9 @@
 """How the model runs on the devices: precision, recomputation, compilation, DDP or FSDP2.
 
 Every speed and sharding switch is applied here, in one place, to a model that knows nothing of
-them (the transformers model as loaded). The result is the module the loop calls: it takes a
-micro-batch and returns its summed cross entropy (training/loss.py).
+them (the transformers model as loaded). The result is the module the loop calls, the trainee:
+the objective's module around the model (training/objective.py), which takes a micro-batch and
+returns its summed loss, under DDP or sharded by FSDP2.
 
 Precision (model.dtype, model.master_weights):
 - float32: everything in float32.
@@ -26,7 +27,7 @@ from lockstep.errors import ConfigError
 from lockstep.model import adapters
 from lockstep.model.load import DTYPES
 from lockstep.report import log as logmod
-from lockstep.training.loss import CausalLMLoss
+from lockstep.training.objective import Objective
 
 
 def mixed(cfg: RunConfig) -> bool:
@@ -35,18 +36,22 @@ def mixed(cfg: RunConfig) -> bool:
 
 def autocast(cfg: RunConfig, d: Dist) -> AbstractContextManager:
     """Mixed precision under DDP (FSDP2 casts by its own policy instead)."""
-    if mixed(cfg) and not sharded(cfg, d):
+    if mixed(cfg) and not shards_weights(cfg, d):
         return torch.autocast(d.device.type, dtype=DTYPES[cfg.model.dtype])
     return nullcontext()
 
 
-def sharded(cfg: RunConfig, d: Dist) -> bool:
-    """FSDP with more than one process (one process holds everything: nothing to shard)."""
+def shards_weights(cfg: RunConfig, d: Dist) -> bool:
+    """FSDP with more than one process: each rank holds a shard of every weight (one process
+    holds everything: nothing to shard). Whether checkpoints are sharded is another question,
+    answered by train.strategy alone (checkpoint.Saver.for_run)."""
     return cfg.train.strategy == "fsdp" and d.distributed
 
 
-def prepare(cfg: RunConfig, d: Dist, model: torch.nn.Module) -> torch.nn.Module:
-    """The module that trains: recomputation, compiled blocks, the loss, FSDP2 sharding.
+def prepare(
+    cfg: RunConfig, d: Dist, model: torch.nn.Module, objective: Objective
+) -> torch.nn.Module:
+    """The trainee: recomputation, compiled blocks, the objective's module, FSDP2 sharding.
 
     DDP comes later (replicate), once the ranks have compared their weights: DDP overwrites
     every rank's weights with rank 0's, which would hide a rank that built a different model.
@@ -56,18 +61,18 @@ def prepare(cfg: RunConfig, d: Dist, model: torch.nn.Module) -> torch.nn.Module:
     if cfg.train.compile:
         for block in adapters.blocks(model):
             block.compile()
-    engine = CausalLMLoss(model, cfg.train.loss_chunk)
-    return shard(cfg, d, engine) if sharded(cfg, d) else engine
+    trainee = objective.module(model)
+    return shard(cfg, d, trainee, model) if shards_weights(cfg, d) else trainee
 
 
-def replicate(cfg: RunConfig, d: Dist, engine: torch.nn.Module) -> torch.nn.Module:
+def replicate(cfg: RunConfig, d: Dist, trainee: torch.nn.Module) -> torch.nn.Module:
     """DDP for a model every rank holds whole (after the ranks agreed on their weights)."""
-    if not d.distributed or sharded(cfg, d):
-        return engine
+    if not d.distributed or shards_weights(cfg, d):
+        return trainee
     device_ids = [d.device.index] if d.device.type == "cuda" else None
     # gradients live in DDP's communication buckets: no second, full-size copy of them
     return torch.nn.parallel.DistributedDataParallel(
-        engine, device_ids=device_ids, gradient_as_bucket_view=True
+        trainee, device_ids=device_ids, gradient_as_bucket_view=True
     )
 
 
@@ -93,7 +98,7 @@ def load_device(cfg: RunConfig, d: Dist) -> torch.device:
     """Where the model is built: on the CPU when FSDP will shard it (fully_shard then moves
     each unit's shards to the device, one unit at a time: no rank ever holds the whole model
     on its device), else on this rank's device."""
-    return torch.device("cpu") if sharded(cfg, d) else d.device
+    return torch.device("cpu") if shards_weights(cfg, d) else d.device
 
 
 def mesh_shape(world_size: int, per_node: int) -> tuple[int, ...]:
@@ -109,8 +114,11 @@ def mesh_shape(world_size: int, per_node: int) -> tuple[int, ...]:
     return (world_size,)
 
 
-def shard(cfg: RunConfig, d: Dist, engine: CausalLMLoss) -> torch.nn.Module:
-    """FSDP2: each block its own unit (gathered just in time), the rest in the root unit.
+def shard(
+    cfg: RunConfig, d: Dist, trainee: torch.nn.Module, model: torch.nn.Module
+) -> torch.nn.Module:
+    """FSDP2: each block of `model` its own unit (gathered just in time), the rest in the root
+    unit, `trainee` (the objective's module holding `model`).
 
     The model comes in on the CPU (load_device); each fully_shard call moves its unit to the
     device and keeps only this rank's shard there.
@@ -134,13 +142,13 @@ def shard(cfg: RunConfig, d: Dist, engine: CausalLMLoss) -> torch.nn.Module:
         )
     else:
         policy = MixedPrecisionPolicy()
-    for block in adapters.blocks(engine.model):
+    for block in adapters.blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(engine, mesh=mesh, mp_policy=policy)
-    return engine
+    fully_shard(trainee, mesh=mesh, mp_policy=policy)
+    return trainee
 
 
-def gradient_sync(engine: torch.nn.Module, last: bool) -> AbstractContextManager:
+def gradient_sync(trainee: torch.nn.Module, last: bool) -> AbstractContextManager:
     """How gradients of a micro-batch are reduced.
 
     DDP: only after the last micro-batch of a step (accumulated locally before).
@@ -149,13 +157,13 @@ def gradient_sync(engine: torch.nn.Module, last: bool) -> AbstractContextManager
     micro-batch); the price is one reduce-scatter per micro-batch instead of per step. Over
     several nodes (HSDP) the all-reduce across nodes waits for the last micro-batch.
     """
-    if isinstance(engine, torch.nn.parallel.DistributedDataParallel):
-        return nullcontext() if last else engine.no_sync()
-    if hasattr(engine, "set_requires_all_reduce"):  # FSDP2
-        engine.set_requires_all_reduce(last)
+    if isinstance(trainee, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext() if last else trainee.no_sync()
+    if hasattr(trainee, "set_requires_all_reduce"):  # FSDP2
+        trainee.set_requires_all_reduce(last)
     return nullcontext()
 
 
-def unwrap(engine: torch.nn.Module) -> CausalLMLoss:
-    """The loss module under DDP (FSDP2 keeps the module itself)."""
-    return getattr(engine, "module", engine)
+def unwrap(trainee: torch.nn.Module) -> torch.nn.Module:
+    """The objective's module under DDP (FSDP2 keeps the module itself)."""
+    return getattr(trainee, "module", trainee)

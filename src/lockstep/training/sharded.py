@@ -30,38 +30,60 @@ def _options(full: bool = False):
     )
 
 
-def save(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Every rank writes its shards into path/sharded (a collective: all ranks call it)."""
+NAMES = "model"
+"""state.json's `sharded_names` for a checkpoint whose keys are the language model's own
+parameter names (what `save` writes). Checkpoints without it (lockstep 0.1.0) named them under
+the loss module that held the model as `.model`: `named` reads those too."""
+
+
+class _Under(torch.nn.Module):
+    """The language model under one attribute, `model`: the names 0.1.0's checkpoints hold."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+
+def named(model: torch.nn.Module, names: str | None) -> torch.nn.Module:
+    """The module whose parameter names are the keys of a checkpoint written with `names`."""
+    return model if names == NAMES else _Under(model)
+
+
+def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Every rank writes its shards of `model`'s trainable weights and their optimizer state
+    into path/sharded, keyed by the model's own parameter names (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optim_state = get_state_dict(engine, optimizer, options=_options())
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / FOLDER))
 
 
-def load(path: Path, engine: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Read path/sharded into this rank's shards (any world size, resharded as needed)."""
+def load(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: str | None
+) -> None:
+    """Read path/sharded into this rank's shards of `model` and its optimizer state (any world
+    size, resharded as needed); `names`: the checkpoint's `sharded_names` (see NAMES)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state = get_state_dict(engine, optimizer, options=_options())
+    keyed = named(model, names)
+    model_state, optim_state = get_state_dict(keyed, optimizer, options=_options())
     state = {"model": model_state, "optim": optim_state}
     _read(path, state)
     set_state_dict(
-        engine, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+        keyed, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
         options=_options(),
     )  # fmt: skip
 
 
-def load_weights(path: Path, model: torch.nn.Module) -> int:
+def load_weights(path: Path, model: torch.nn.Module, names: str | None) -> int:
     """The trained weights of a sharded checkpoint into a whole model (one process, export)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    from lockstep.training.loss import CausalLMLoss
-
-    engine = CausalLMLoss(model)  # the names the checkpoint was written under
-    state = {"model": get_model_state_dict(engine, options=_options())}
+    keyed = named(model, names)
+    state = {"model": get_model_state_dict(keyed, options=_options())}
     _read(path, state)
-    set_model_state_dict(engine, state["model"], options=_options())
+    set_model_state_dict(keyed, state["model"], options=_options())
     return len(state["model"])
 
 
@@ -75,15 +97,14 @@ def _read(path: Path, state: dict) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path / FOLDER))
     except Exception as e:  # DCP raises CheckpointException and others for a damaged folder
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first_line(e)}") from None
 
 
 def is_sharded(path: Path) -> bool:
     return (path / FOLDER).is_dir()
 
 
-def full_state(engine: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+def full_state(model: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """The language model's weights gathered on rank 0 (empty elsewhere); collective.
 
     `trainable_only`: just the trained parameters (a LoRA adapter: the frozen base is neither
@@ -94,16 +115,11 @@ def full_state(engine: torch.nn.Module, trainable_only: bool = False) -> dict[st
     options = StateDictOptions(
         full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only
     )
-    state = get_model_state_dict(engine, options=options)
-    prefix = "model."  # the loss module holds the language model as .model
+    state = get_model_state_dict(model, options=options)
     seen, tied = set(), set()  # tied weights (embeddings = LM head) are saved once
-    for name, p in engine.model.named_parameters(remove_duplicate=False):
+    for name, p in model.named_parameters(remove_duplicate=False):
         (tied.add(name) if id(p) in seen else seen.add(id(p)))
-    return {
-        k[len(prefix) :]: v
-        for k, v in state.items()
-        if k.startswith(prefix) and k[len(prefix) :] not in tied
-    }
+    return {k: v for k, v in state.items() if k not in tied}
 
 
 # ---------------------------------------------------------------- sharded metadata
