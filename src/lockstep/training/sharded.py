@@ -49,6 +49,14 @@ def named(model: torch.nn.Module, names: str | None) -> torch.nn.Module:
     return model if names == NAMES else _Under(model)
 
 
+def trainable(model: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` less what does not train: ignore_frozen_params keeps a frozen weight that is
+    tied to another (a LoRA run's output head, tied to the embeddings: vocabulary x hidden
+    size in every checkpoint), and a trained tied weight is kept once, under its first name."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in names}
+
+
 def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of `model`'s trainable weights and their optimizer state
     into path/sharded, keyed by the model's own parameter names (a collective)."""
@@ -56,7 +64,8 @@ def save(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / FOLDER))
+    state = {"model": trainable(model, model_state), "optim": optim_state}
+    dcp.save(state, checkpoint_id=str(path / FOLDER))
 
 
 def load(
@@ -68,7 +77,7 @@ def load(
 
     keyed = named(model, names)
     model_state, optim_state = get_state_dict(keyed, optimizer, options=_options())
-    state = {"model": model_state, "optim": optim_state}
+    state = {"model": trainable(keyed, model_state), "optim": optim_state}
     _read(path, state)
     set_state_dict(
         keyed, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
@@ -81,7 +90,7 @@ def load_weights(path: Path, model: torch.nn.Module, names: str | None) -> int:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     keyed = named(model, names)
-    state = {"model": get_model_state_dict(keyed, options=_options())}
+    state = {"model": trainable(keyed, get_model_state_dict(keyed, options=_options()))}
     _read(path, state)
     set_model_state_dict(keyed, state["model"], options=_options())
     return len(state["model"])
