@@ -33,7 +33,7 @@ def run_demo(src: Path, procs: int, steps: int, out: Path) -> dict:
     env.setdefault("OMP_NUM_THREADS", "1")
     args = [
         sys.executable, "-m", "lockstep", "train", "demo", f"output_dir={out}",
-        f"train.max_steps={steps}", "eval.show=0", "checkpoint.resume=never",
+        f"train.max_steps={steps}", "log.every_steps=1", "eval.show=0", "checkpoint.resume=never",
         "checkpoint.overwrite=true",
     ]  # fmt: skip
     if procs > 1:

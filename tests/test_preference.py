@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,106 @@ def test_a_loss_that_needs_a_reference_refuses_to_run_without_one():
     with pytest.raises(ValueError, match="reference"):
         pair_losses(Settings("dpo"), free)
     pair_losses(Settings("simpo"), free)  # reference-free
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_target_log_probs_and_gradients_equal_the_plain_ones(chunk):
+    from lockstep.training.loss import target_logps
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (7,), generator=g)
+    coef = torch.randn(7, generator=g, dtype=torch.float64)
+    got = target_logps(hidden, weight, labels, chunk)
+    (got * coef).sum().backward()
+    gh, gw = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    plain = torch.log_softmax(hidden @ weight.T, dim=-1).gather(1, labels[:, None]).squeeze(1)
+    (plain * coef).sum().backward()
+    torch.testing.assert_close(got.double(), plain.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, hidden.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gw, weight.grad, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the module on a real model
+
+
+def _pair_batch(n_pairs: int = 3):
+    """A micro-batch of pairs from the demo data (consecutive samples stand for a pair's two
+    answers: the machinery does not look at the text), plus one PAD slot."""
+    from conftest import DEMO_DATA
+
+    from lockstep import config
+    from lockstep.data.collate import collate
+    from lockstep.data.dataset import build
+    from lockstep.data.order import PAD
+    from lockstep.model.load import load_tokenizer
+    from lockstep.training.preference import pair_rows
+
+    cfg = config.validate({"data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 64,
+                                    "cache": False}, "model": {"path": "builtin:tiny"}})  # fmt: skip
+    tok = load_tokenizer(cfg.model)
+    samples = build(cfg.data.model_copy(update={"train": cfg.data.train}), tok)
+    ids = np.array([*range(n_pairs), PAD])
+    return samples, collate(samples, pair_rows(ids), tok.pad_token_id, False, False)
+
+
+def _model(method: str):
+    from lockstep.config import FinetuneConfig, ModelConfig
+    from lockstep.model import adapters
+    from lockstep.model.load import load_model
+
+    model = load_model(ModelConfig(path="builtin:tiny", attn_implementation="sdpa"), 3)
+    lora = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    return adapters.apply(FinetuneConfig(method=method, lora=lora), model, 5)
+
+
+@pytest.mark.parametrize(("method", "reference"), [("lora", "adapters_off"), ("full", "live")])
+def test_before_training_the_policy_is_its_reference_dpo_loss_is_log_2(method, reference):
+    from lockstep.training.preference import PairPreference
+
+    _, batch = _pair_batch()
+    objective = PairPreference(Settings("dpo"), reference, chunk=16)
+    module = objective.module(_model(method))
+    out = module(objective.prepare(batch))
+    loss, rewards = out[0], out[1:5]
+    assert loss.item() == pytest.approx(3 * math.log(2), rel=1e-6)  # 3 real pairs, PAD slot out
+    assert rewards.abs().max().item() < 1e-6
+    loss.backward()
+    grads = [p.grad for p in module.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_lora_reference_holds_no_copy_and_live_one_copy():
+    from lockstep.training.preference import PairPreference
+
+    def held(module):
+        tensors = list(module.parameters()) + [
+            p for frozen in module._frozen for p in frozen.parameters()
+        ]
+        return sum(p.numel() for p in {id(t): t for t in tensors}.values())
+
+    lora = _model("lora")
+    own = sum(p.numel() for p in lora.parameters())
+    assert held(PairPreference(Settings("dpo"), "adapters_off").module(lora)) == own
+    full = _model("full")
+    own = sum(p.numel() for p in full.parameters())
+    assert held(PairPreference(Settings("dpo"), "live").module(full)) == 2 * own
+
+
+def test_row_log_probs_chunked_equal_the_plain_path():
+    from lockstep.training.preference import PairPreference
+
+    _, batch = _pair_batch()
+    model = _model("full")
+    objective = PairPreference(Settings("simpo"), "none", chunk=8)
+    prepared = objective.prepare(batch)
+    chunked = objective.module(model).row_logps(model, prepared)
+    plain = PairPreference(Settings("simpo"), "none", chunk=None).module(model)
+    torch.testing.assert_close(chunked, plain.row_logps(model, prepared), rtol=1e-5, atol=1e-4)
+    labels = batch["labels"]
+    log_probs = torch.log_softmax(model(input_ids=batch["input_ids"]).logits.float(), dim=-1)
+    safe = labels.clamp(min=0)
+    per_token = log_probs.gather(2, safe[..., None]).squeeze(2) * (labels != -100)
+    torch.testing.assert_close(chunked, per_token.sum(1), rtol=1e-5, atol=1e-4)

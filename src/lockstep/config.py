@@ -88,9 +88,32 @@ class FreezeSettings(Section):
 
 
 class FinetuneConfig(Section):
+    stage: Literal["sft", "preference"] = "sft"
+    """`sft`: learn the answers of the data; `preference`: learn to prefer each pair's chosen
+    answer to its rejected one (the `preference` section: DPO, IPO, SimPO, ORPO)."""
     method: Literal["full", "lora", "freeze"] = "full"
     lora: LoraSettings = LoraSettings()
     freeze: FreezeSettings = FreezeSettings()
+
+
+class PreferenceConfig(Section):
+    """finetune.stage=preference: the loss over answer pairs (training/preference.py)."""
+
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    """dpo (sigmoid), ipo: against a reference model; simpo, orpo: reference-free."""
+    beta: Annotated[FiniteFloat, Field(gt=0)] = 0.1
+    """How far the policy may move from the reference (dpo, ipo); the reward scale (simpo:
+    2.0-2.5 is usual; orpo: the scale of the logged rewards only)."""
+    label_smoothing: Annotated[FiniteFloat, Field(ge=0, lt=0.5)] = 0.0
+    """dpo, simpo: the share of pairs assumed to be labelled the wrong way round."""
+    gamma: Annotated[FiniteFloat, Field(ge=0)] = 0.5
+    """simpo: the target reward margin."""
+    orpo_lambda: Annotated[FiniteFloat, Field(gt=0)] = 0.1
+    """orpo: the weight of the odds-ratio term beside the chosen answer's loss."""
+    reference: Literal["auto", "adapters_off", "live"] = "auto"
+    """Where dpo and ipo get the reference model's log-probabilities. `adapters_off`: the LoRA
+    model with its adapters disabled (no second copy); `live`: a frozen copy of the starting
+    model, held beside the one that trains; `auto`: adapters_off with LoRA, else live."""
 
 
 class DatasetConfig(Section):
@@ -275,6 +298,7 @@ class RunConfig(Section):
     """None: rank 0 draws one at start-up and every rank uses it."""
     model: ModelConfig = ModelConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    preference: PreferenceConfig = PreferenceConfig()
     data: DataConfig
     batch: BatchConfig = BatchConfig()
     train: TrainConfig = TrainConfig()
@@ -501,6 +525,7 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
             "train.strategy=ddp (each GPU holds the quantised base), or LoRA without quantize "
             "under fsdp"
         )
+    _check_preference(cfg)
     g, m = cfg.batch.global_size, cfg.batch.micro_size
     if g % (m * world_size):
         per_step = m * world_size
@@ -514,6 +539,51 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
             f"Set batch.global_size to a multiple of {per_step} (e.g. {lower} or "
             f"{lower + per_step}), or change batch.micro_size."
         )
+
+
+def _check_preference(cfg: RunConfig) -> None:
+    """finetune.stage=preference and the preference section: settings that cannot apply."""
+    pref, stage = cfg.preference, cfg.finetune.stage
+    if stage == "sft":
+        if pref != PreferenceConfig():
+            set_ = sorted(k for k, v in pref if v != getattr(PreferenceConfig(), k))
+            raise ConfigError(
+                f"preference.{', preference.'.join(set_)} is set, but finetune.stage=sft does "
+                "not read it: set finetune.stage=preference to train on answer pairs"
+            )
+        return
+    if pref.loss in ("simpo", "orpo") and pref.reference != "auto":
+        raise ConfigError(
+            f"preference.reference={pref.reference} is set, but preference.loss={pref.loss} "
+            "uses no reference model: remove it, or use loss dpo or ipo"
+        )
+    if pref.reference == "adapters_off" and cfg.finetune.method != "lora":
+        raise ConfigError(
+            f"preference.reference=adapters_off needs finetune.method=lora (the reference is "
+            f"the model without its adapters); this run is {cfg.finetune.method}: use "
+            "preference.reference=live (a frozen copy) or auto"
+        )
+    live = pref.loss in ("dpo", "ipo") and cfg.finetune.method != "lora"
+    if (pref.reference == "live" or live and pref.reference == "auto") and (
+        cfg.train.strategy == "fsdp"
+    ):
+        raise ConfigError(
+            "a live reference model with train.strategy=fsdp would hold a whole copy of the "
+            "model on every process: use finetune.method=lora (its reference is the base), a "
+            "reference-free loss (preference.loss=simpo or orpo), or train.strategy=ddp"
+        )
+    refused = {
+        "data.packing": cfg.data.packing,
+        "data.padding_free": cfg.data.padding_free is True,
+        "data.eval": bool(cfg.data.eval),
+        "data.val_fraction": bool(cfg.data.val_fraction),
+    }
+    for key, on in refused.items():
+        if on:
+            raise ConfigError(
+                f"{key} is not available with finetune.stage=preference yet (answer pairs train "
+                f"in padded rows, and their evaluation is not built): remove {key}"
+            )
 
 
 def known_keys() -> list[str]:

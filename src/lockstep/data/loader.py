@@ -7,7 +7,7 @@ says: workers only collate (ids -> tensors), so the data order never depends on 
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,13 +19,19 @@ from lockstep.data.order import Order
 
 
 class StepMicroBatches(Dataset):
+    """Item k: (the order's ids of micro-batch k, the collated rows of those ids). `rows` maps
+    the order's ids to the samples a micro-batch holds (training/objective.py: a pair is two
+    rows); None: one sample each."""
+
     def __init__(
         self, samples: Samples, order: Order, rank: int, start_step: int, steps: int,
         pad_id: int, padding_free: bool, varlen: bool = False,
+        rows: Callable[[np.ndarray], np.ndarray] | None = None,
     ):  # fmt: skip
         self.samples, self.order, self.rank = samples, order, rank
         self.start_step, self.steps = start_step, steps
         self.pad_id, self.padding_free, self.varlen = pad_id, padding_free, varlen
+        self.rows = rows
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.order.accumulation
@@ -33,17 +39,22 @@ class StepMicroBatches(Dataset):
     def __getitem__(self, k: int) -> tuple[np.ndarray, dict[str, torch.Tensor | int]]:
         step, a = divmod(k, self.order.accumulation)
         ids = self.order.micro_batches(self.start_step + step, self.rank)[a]
-        return ids, collate(self.samples, ids, self.pad_id, self.padding_free, self.varlen)
+        rows = self.rows(ids) if self.rows else ids
+        return ids, collate(self.samples, rows, self.pad_id, self.padding_free, self.varlen)
 
 
 def micro_batches(
     samples: Samples, order: Order, rank: int, start_step: int, steps: int, pad_id: int,
     padding_free: bool, num_workers: int, pin_memory: bool, varlen: bool = False,
+    rows: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor | int]]]:  # fmt: skip
     """Every micro-batch of this rank from `start_step` to `steps`, in training order.
 
-    `varlen`: batches carry the sample boundaries of their rows (data/collate.py)."""
-    data = StepMicroBatches(samples, order, rank, start_step, steps, pad_id, padding_free, varlen)
+    `varlen`: batches carry the sample boundaries of their rows (data/collate.py); `rows`: see
+    StepMicroBatches."""
+    data = StepMicroBatches(
+        samples, order, rank, start_step, steps, pad_id, padding_free, varlen, rows
+    )
     if num_workers == 0:
         return (data[k] for k in range(len(data)))
     loader = DataLoader(

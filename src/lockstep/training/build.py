@@ -61,10 +61,12 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     data_rank, data_world = opts.as_rank or (d.rank, d.world_size)
     inputs = faults.inject(cfg.testing, data_rank, faults.Inputs(cfg.seed, samples))
     cfg, samples = cfg.model_copy(update={"seed": inputs.seed}), inputs.samples
-    lengths = samples.lengths() if cfg.data.group_by_length else None
+    objective = objective_of(cfg)
+    lengths = objective.unit_lengths(samples) if cfg.data.group_by_length else None
     order = Order(
-        cfg.seed, len(samples), cfg.batch.global_size, cfg.batch.micro_size, data_world, lengths
-    )
+        cfg.seed, objective.units(samples), cfg.batch.global_size, cfg.batch.micro_size,
+        data_world, lengths,
+    )  # fmt: skip
     steps = total_steps(cfg, order)
     if resumed and already_complete(resumed, steps, Path(cfg.output_dir), d):
         return None
@@ -75,7 +77,6 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     weights_sharded = parallel.shards_weights(cfg, d)
     # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
     built = params_checksum(model) if weights_sharded else None
-    objective = objective_of(cfg)
     trainee = parallel.prepare(cfg, d, model, objective)  # FSDP shards `model` in place
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
@@ -93,7 +94,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         samples, order, data_rank, start_step, steps, tokenizer.pad_token_id,
         padding_free=layout.padding_free, varlen=layout.attention.varlen,
         num_workers=0 if opts.debug else cfg.data.num_workers,
-        pin_memory=d.device.type == "cuda",
+        pin_memory=d.device.type == "cuda", rows=objective.rows,
     )  # fmt: skip
     out = Path(cfg.output_dir)
     metrics_file = out / (replay_name(data_rank, data_world) if opts.as_rank else "metrics.jsonl")
@@ -169,7 +170,9 @@ def choose_layout(cfg: RunConfig, d: Dist, samples: Samples) -> Layout:
     """Padding-free rows or not, and the attention kernel, for this model, device and data."""
     support = attention.model_support(cfg.model)
     mean_length = samples.stats["tokens"] / max(len(samples), 1)
-    free = attention.padding_free(cfg, d.device, mean_length, support)
+    # answer pairs train in padded rows (their log-probabilities are summed per row)
+    pairs = cfg.finetune.stage == "preference"
+    free = not pairs and attention.padding_free(cfg, d.device, mean_length, support)
     shared_rows = free or cfg.data.packing
     return Layout(
         free, cfg.data.packing, attention.choose(cfg.model, d.device, shared_rows, support)
@@ -298,6 +301,8 @@ def log_plan(
     for warn, line in describe(st, cfg.data):
         (log.warning if warn else log.info)(f"data: {line}")
     unit = "packed sequences" if "packs" in st else "samples"
+    if cfg.finetune.stage == "preference":
+        unit = f"answer pairs ({cfg.preference.loss}, reference: {reference_note(cfg)})"
     log.info(
         f"plan: {steps} optimizer steps ({epochs_text(cfg, order, steps)}) of {order.global_size} "
         f"{unit} = {order.world_size} process(es) x {order.accumulation} accumulation x "
@@ -309,6 +314,19 @@ def log_plan(
         f"{', grouped by length' if cfg.data.group_by_length else ''} (data.padding_free="
         f"{cfg.data.padding_free}, data.group_by_length={cfg.data.group_by_length})"
     )
+
+
+def reference_note(cfg: RunConfig) -> str:
+    """Which reference model the preference loss uses, and what it costs, for the plan line."""
+    from lockstep.training.preference import reference_of
+
+    return {
+        "none": "none, the loss is reference-free",
+        "adapters_off": "the model with its LoRA adapters off (no copy; one more forward "
+        "pass without gradients per micro-batch)",
+        "live": "a frozen copy of the starting model (its weights once more in memory; one "
+        "more forward pass without gradients per micro-batch)",
+    }[reference_of(cfg)]
 
 
 def epochs_text(cfg: RunConfig, order: Order, steps: int) -> str:

@@ -61,6 +61,7 @@ GUARDED = (
     "model.dtype",
     "model.master_weights",
     "finetune",
+    "preference",
     "data.train",
     "data.max_length",
     "data.packing",

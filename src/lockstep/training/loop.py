@@ -72,16 +72,18 @@ def train(run: Run) -> float:
 def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step (`step` counts from 0) over this rank's micro-batches of it."""
     ids = run.order.global_batch(step)
-    tokens = sum(len(run.samples.input_ids[i]) for i in ids if i != PAD)
+    rows = [int(i) for i in run.objective.rows(ids) if i != PAD]
+    tokens = sum(len(run.samples.input_ids[i]) for i in rows)
+    targets = sum(run.samples.target_tokens(i) for i in rows)
     denominator = run.objective.denominator(run.samples, ids)
-    loss_sum = forward_backward(run, step, backward_scale(run.d.world_size, denominator))
+    sums = forward_backward(run, step, backward_scale(run.d.world_size, denominator))
     if run.d.distributed:
-        tdist.all_reduce(loss_sum)
+        tdist.all_reduce(sums)
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip is not None else math.inf
     norm = torch.nn.utils.clip_grad_norm_(run.trainee.parameters(), clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP: a DTensor
-    total, grad_norm = torch.stack([loss_sum, norm.to(loss_sum)]).tolist()  # the step's sync
-    loss = total / max(denominator, 1)
+    *totals, grad_norm = torch.cat([sums, norm.to(sums).reshape(1)]).tolist()  # the step's sync
+    loss, *metrics = (t / max(denominator, 1) for t in totals)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         raise TrainingError(
             f"step {step + 1}: non-finite loss ({loss}) or gradient norm ({grad_norm}); "
@@ -91,14 +93,16 @@ def train_step(run: Run, step: int) -> StepResult:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(step + 1, loss, grad_norm, lr, tokens, denominator)
+    named = dict(zip(run.objective.metrics, metrics, strict=True))
+    return StepResult(step + 1, loss, grad_norm, lr, tokens, targets, named)
 
 
 def forward_backward(run: Run, step: int, scale: float) -> torch.Tensor:
     """Forward and backward over this rank's micro-batches of `step`, each micro-batch's summed
     loss times `scale` (training/loss.py: backward_scale); returns the sum of their summed
-    losses, still on the device (one host sync per step, in train_step)."""
-    loss_sum = torch.zeros((), dtype=torch.float64, device=run.d.device)
+    losses (then of the objective's metrics), still on the device (one host sync per step, in
+    train_step)."""
+    sums = torch.zeros(1 + len(run.objective.metrics), dtype=torch.float64, device=run.d.device)
     for a in range(run.order.accumulation):
         ids, batch = next(run.batches)
         if run.ids_log:
@@ -108,14 +112,14 @@ def forward_backward(run: Run, step: int, scale: float) -> torch.Tensor:
         batch = to_device(run.objective.prepare(batch), run.d.device, non_blocking=True)
         with parallel.gradient_sync(run.trainee, last=a == run.order.accumulation - 1):
             with parallel.autocast(run.cfg, run.d):
-                summed = run.trainee(batch)
-            (summed * scale).backward()
-        if run.opts.debug and not math.isfinite(summed.item()):
+                summed = run.trainee(batch).reshape(-1)
+            (summed[0] * scale).backward()
+        if run.opts.debug and not math.isfinite(summed[0].item()):
             raise TrainingError(
-                f"step {step + 1}, micro-batch {a}: non-finite loss {summed.item()}"
+                f"step {step + 1}, micro-batch {a}: non-finite loss {summed[0].item()}"
             )
-        loss_sum += summed.detach()
-    return loss_sum
+        sums += summed.detach()
+    return sums
 
 
 def log_step(run: Run, result: StepResult) -> None:
@@ -133,6 +137,7 @@ def log_step(run: Run, result: StepResult) -> None:
             "grad_norm": result.grad_norm,
             "tokens": result.tokens,
             "target_tokens": result.target_tokens,
+            **result.metrics,
             "tokens_per_s": round(tokens_per_s, 1),
             "elapsed_s": round(time.perf_counter() - run.started, 3),
             "batch_sha": batch_sha(run.order.global_batch(done - 1)),

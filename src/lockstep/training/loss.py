@@ -40,7 +40,7 @@ class CausalLMLoss(torch.nn.Module):
         super().__init__()
         self.model = model
         causal = causal_lm(model)
-        self.chunked = bool(chunk) and _plain_head(causal)
+        self.chunked = bool(chunk) and plain_head(causal)
         self.chunk = chunk or 0
         self._causal = [causal]  # a list: not registered twice as a submodule
 
@@ -77,7 +77,7 @@ def with_target_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {**batch, TARGET_INDEX: (flat != IGNORE).nonzero().squeeze(1)}
 
 
-def _plain_head(causal: torch.nn.Module) -> bool:
+def plain_head(causal: torch.nn.Module) -> bool:
     """The chunked path needs logits = hidden @ W.T exactly: a bias-free nn.Linear head, a
     decoder to call, and no logit scaling or soft-capping after the head."""
     head = getattr(causal, "get_output_embeddings", lambda: None)()
@@ -161,3 +161,54 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def backward_scale(world_size: int, global_targets: int) -> float:
     """Factor for a micro-batch's summed loss so that accumulated DDP gradients equal dL/dθ."""
     return world_size / max(global_targets, 1)
+
+
+def target_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int):
+    """log softmax(hidden[i] @ weight.T)[labels[i]] for every row i, never holding more than
+    `chunk` rows of logits: forward keeps no logits, backward computes them again chunk by chunk
+    (two more LM-head products than the plain path, for chunk x vocab memory instead of
+    rows x vocab). What preference losses need: each target's own log-probability."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return _TargetLogps.apply(hidden, weight, labels, max(int(chunk), 1), dtype)
+
+
+class _TargetLogps(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk, dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(dtype)
+            out = torch.empty(hidden.size(0), dtype=torch.float32, device=hidden.device)
+            for s in range(0, hidden.size(0), chunk):
+                logits = (hidden[s : s + chunk].to(dtype) @ w.T).float()
+                target = logits.gather(1, labels[s : s + chunk, None]).squeeze(1)
+                out[s : s + chunk] = target - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(ctx.dtype)
+            grad_h = torch.empty_like(hidden) if need_h else None
+            grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+            for s in range(0, hidden.size(0), ctx.chunk):
+                h, y = hidden[s : s + ctx.chunk].to(ctx.dtype), labels[s : s + ctx.chunk]
+                logits = (h @ w.T).float()
+                # d(log p_y)/d(logits) = one_hot(y) - softmax, times the incoming gradient
+                g = torch.softmax(logits, dim=-1).neg_()
+                g[torch.arange(len(y), device=y.device), y] += 1
+                g.mul_(grad_out[s : s + ctx.chunk, None].float())
+                g = g.to(ctx.dtype)
+                if grad_h is not None:
+                    grad_h[s : s + ctx.chunk] = (g @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w.addmm_(g.T.float(), h.float())
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None, None, None,
+        )  # fmt: skip

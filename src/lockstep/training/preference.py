@@ -24,10 +24,18 @@ pairs whose chosen reward is the larger.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lockstep.data.dataset import Samples
+from lockstep.data.order import PAD
+from lockstep.data.render import IGNORE
+from lockstep.model.adapters import causal_lm
+from lockstep.training.loss import TARGET_INDEX, plain_head, target_logps
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -98,3 +106,143 @@ def metric_sums(lp: PairLogps, reward_w: torch.Tensor, reward_l: torch.Tensor) -
         (reward_w > reward_l).to(reward_w.dtype).sum(),
         lp.chosen.detach().sum(), lp.rejected.detach().sum(),
     ])  # fmt: skip
+
+
+# ---------------------------------------------------------------- the objective
+
+TARGET_ROW = "target_row"  # batch key: the row of each target position (TARGET_INDEX's order)
+ROW_TARGETS = "row_targets"  # batch key: the number of targets of each row
+REAL_PAIRS = "real_pairs"  # batch key: the pairs of the micro-batch that are not PAD slots
+
+
+def pair_rows(ids: np.ndarray) -> np.ndarray:
+    """The rows of pairs `ids` in a pairs' Samples (row 2i: pair i's chosen answer, 2i+1: its
+    rejected one), as a micro-batch lays them: every chosen row, then every rejected row. A PAD
+    slot stays PAD in both halves."""
+    ids = np.asarray(ids, dtype=np.int64)
+    chosen = np.where(ids == PAD, PAD, 2 * ids)
+    return np.concatenate([chosen, np.where(ids == PAD, PAD, 2 * ids + 1)])
+
+
+@dataclass(frozen=True)
+class PairPreference:
+    """finetune.stage=preference: the mean over the global batch's pairs of their preference
+    loss (see the module docstring). `reference`: none | adapters_off | live."""
+
+    settings: Settings
+    reference: str
+    chunk: int | None = 1024
+    name: str = "preference"
+    metrics: tuple[str, ...] = METRICS
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module:
+        return PairLoss(model, self.settings, self.reference, self.chunk)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        return pair_rows(ids)
+
+    def units(self, samples: Samples) -> int:
+        return len(samples) // 2
+
+    def unit_lengths(self, samples: Samples) -> np.ndarray:
+        lengths = samples.lengths()
+        return lengths[0::2] + lengths[1::2]
+
+    def denominator(self, samples: Samples, ids: np.ndarray) -> int:
+        return int((np.asarray(ids) != PAD).sum())
+
+    def prepare(self, batch: dict) -> dict:
+        """Host side: the flat target positions, their rows, each row's target count and the
+        pairs that hold answers (the micro-batch's PAD slots hold none)."""
+        labels = batch["labels"]
+        flat = labels.flatten()
+        at = (flat != IGNORE).nonzero().squeeze(1)
+        per_row = (labels != IGNORE).sum(dim=1)
+        m = labels.size(0) // 2
+        real = ((per_row[:m] > 0) & (per_row[m:] > 0)).nonzero().squeeze(1)
+        return {
+            **batch, TARGET_INDEX: at, TARGET_ROW: at // labels.size(1), ROW_TARGETS: per_row,
+            REAL_PAIRS: real,
+        }  # fmt: skip
+
+
+def reference_of(cfg) -> str:
+    """preference.reference resolved: none for reference-free losses; auto: adapters_off with
+    LoRA, live otherwise."""
+    pref = cfg.preference
+    if pref.loss in REFERENCE_FREE:
+        return "none"
+    if pref.reference != "auto":
+        return pref.reference
+    return "adapters_off" if cfg.finetune.method == "lora" else "live"
+
+
+class PairLoss(torch.nn.Module):
+    """What trains in preference training: a micro-batch of pairs (2m rows: the m chosen
+    answers, then the m rejected ones) in; the sum of its pairs' losses, then the sums of
+    METRICS, out (a vector). DDP and FSDP wrap this module."""
+
+    def __init__(self, model: torch.nn.Module, settings: Settings, reference: str, chunk):
+        super().__init__()
+        self.model = model
+        self.settings, self.reference = settings, reference
+        causal = causal_lm(model)
+        self.chunk = chunk or 0
+        self.chunked = bool(chunk) and plain_head(causal)
+        self._causal = [causal]  # lists: not registered as submodules (no second state dict)
+        self._frozen: list[torch.nn.Module] = []
+        if reference == "live":
+            frozen = copy.deepcopy(model).eval()
+            frozen.requires_grad_(False)
+            self._frozen.append(frozen)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logps = self.row_logps(self.model, batch)
+        ref = self.reference_logps(batch)
+        m = logps.size(0) // 2
+        real = batch[REAL_PAIRS]
+        counts = batch[ROW_TARGETS].to(logps.dtype)
+
+        def pick(x):
+            return None if x is None else x.index_select(0, real)
+
+        lp = PairLogps(
+            chosen=pick(logps[:m]), rejected=pick(logps[m:]), chosen_tokens=pick(counts[:m]),
+            rejected_tokens=pick(counts[m:]), ref_chosen=pick(None if ref is None else ref[:m]),
+            ref_rejected=pick(None if ref is None else ref[m:]),
+        )  # fmt: skip
+        losses, reward_w, reward_l = pair_losses(self.settings, lp)
+        return torch.cat([losses.sum().reshape(1), metric_sums(lp, reward_w, reward_l)])
+
+    def reference_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The reference model's summed log-probability of each row (None: reference-free)."""
+        if self.reference == "none":
+            return None
+        with torch.no_grad():
+            if self.reference == "live":
+                return self.row_logps(self._frozen[0], batch)
+            was = self.model.training
+            self.model.eval()  # the reference has no dropout
+            try:
+                with self.model.disable_adapter():
+                    return self.row_logps(self.model, batch)
+            finally:
+                self.model.train(was)
+
+    def row_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's summed log-probability of its target tokens under `model` (float32)."""
+        keep = ("input_ids", "attention_mask", "position_ids")
+        inputs = {k: batch[k] for k in keep if k in batch}
+        labels, at = batch["labels"], batch[TARGET_INDEX]
+        y = labels.flatten().index_select(0, at)
+        causal = causal_lm(model)
+        if self.chunked:
+            hidden = causal.get_decoder()(**inputs, use_cache=False).last_hidden_state
+            h = hidden.flatten(0, 1).index_select(0, at)
+            logps = target_logps(h, causal.get_output_embeddings().weight, y, self.chunk)
+        else:
+            logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)
+            logps = torch.log_softmax(logits.index_select(0, at), dim=-1)
+            logps = logps.gather(1, y[:, None]).squeeze(1)
+        sums = torch.zeros(labels.size(0), dtype=torch.float32, device=logps.device)
+        return sums.index_add(0, batch[TARGET_ROW], logps.float())

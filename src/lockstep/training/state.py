@@ -52,6 +52,7 @@ class StepResult:
     lr: float  # the learning rate this step used
     tokens: int  # tokens of the global batch (padding excluded)
     target_tokens: int  # tokens of the global batch that carry loss
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's own (objective.py)
 
 
 @dataclass
