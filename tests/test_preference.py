@@ -145,7 +145,7 @@ def _pair_batch(n_pairs: int = 3):
     tok = load_tokenizer(cfg.model)
     samples = build(cfg.data.model_copy(update={"train": cfg.data.train}), tok)
     ids = np.array([*range(n_pairs), PAD])
-    return samples, collate(samples, pair_rows(ids), tok.pad_token_id, False, False)
+    return ids, collate(samples, pair_rows(ids), tok.pad_token_id, False, False)
 
 
 def _model(method: str):
@@ -162,10 +162,10 @@ def _model(method: str):
 def test_before_training_the_policy_is_its_reference_dpo_loss_is_log_2(method, reference):
     from lockstep.training.preference import PairPreference
 
-    _, batch = _pair_batch()
+    ids, batch = _pair_batch()
     objective = PairPreference(Settings("dpo"), reference, chunk=16)
     module = objective.module(_model(method))
-    out = module(objective.prepare(batch))
+    out = module(objective.prepare(ids, batch))
     loss, rewards = out[0], out[1:5]
     assert loss.item() == pytest.approx(3 * math.log(2), rel=1e-6)  # 3 real pairs, PAD slot out
     assert rewards.abs().max().item() < 1e-6
@@ -194,10 +194,10 @@ def test_lora_reference_holds_no_copy_and_live_one_copy():
 def test_row_log_probs_chunked_equal_the_plain_path():
     from lockstep.training.preference import PairPreference
 
-    _, batch = _pair_batch()
+    ids, batch = _pair_batch()
     model = _model("full")
     objective = PairPreference(Settings("simpo"), "none", chunk=8)
-    prepared = objective.prepare(batch)
+    prepared = objective.prepare(ids, batch)
     chunked = objective.module(model).row_logps(model, prepared)
     plain = PairPreference(Settings("simpo"), "none", chunk=None).module(model)
     torch.testing.assert_close(chunked, plain.row_logps(model, prepared), rtol=1e-5, atol=1e-4)
@@ -206,3 +206,37 @@ def test_row_log_probs_chunked_equal_the_plain_path():
     safe = labels.clamp(min=0)
     per_token = log_probs.gather(2, safe[..., None]).squeeze(2) * (labels != -100)
     torch.testing.assert_close(chunked, per_token.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_precomputed_reference_is_the_starting_models_and_is_read_back(tmp_path):
+    from conftest import DEMO_DATA
+
+    from lockstep import config
+    from lockstep.data.collate import collate
+    from lockstep.data.dataset import build
+    from lockstep.dist import Dist
+    from lockstep.model.load import load_tokenizer
+    from lockstep.training import reference
+    from lockstep.training.preference import PairPreference
+
+    cfg = config.validate({
+        "data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 64,
+                 "cache_dir": str(tmp_path / "cache")},
+        "model": {"path": "builtin:tiny"}, "batch": {"global_size": 4, "micro_size": 4},
+    })  # fmt: skip
+    tok = load_tokenizer(cfg.model)
+    samples = build(cfg.data, tok).subset(list(range(14)))  # 7 pairs: two micro-batches
+    objective = PairPreference(Settings("dpo"), "precompute", chunk=16)
+    trainee = objective.module(_model("full"))
+    path = reference.table_path(cfg, samples, "weights", "sdpa")
+    first, how = reference.precomputed(cfg, Dist(), trainee, objective, samples, 0, path)
+    assert how.startswith("computed") and path.is_file()
+    again, how = reference.precomputed(cfg, Dist(), trainee, objective, samples, 0, path)
+    assert how == f"read from {path}" and np.array_equal(first, again)
+    ids = np.array([5, 6])
+    batch = objective.prepare(ids, collate(samples, objective.rows(ids), 0, False, False))
+    direct = trainee.row_logps(trainee.model, batch)  # rows 10, 12, 11, 13
+    np.testing.assert_allclose(first[[10, 12, 11, 13]], direct.detach().numpy(), rtol=1e-5)
+    with_table = PairPreference(Settings("dpo"), "precompute", chunk=16, table=first)
+    out = trainee(with_table.prepare(ids, collate(samples, with_table.rows(ids), 0, False, False)))
+    assert out[0].item() == pytest.approx(2 * math.log(2), rel=1e-5)  # the policy is the start

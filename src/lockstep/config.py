@@ -110,10 +110,12 @@ class PreferenceConfig(Section):
     """simpo: the target reward margin."""
     orpo_lambda: Annotated[FiniteFloat, Field(gt=0)] = 0.1
     """orpo: the weight of the odds-ratio term beside the chosen answer's loss."""
-    reference: Literal["auto", "adapters_off", "live"] = "auto"
+    reference: Literal["auto", "adapters_off", "precompute", "live"] = "auto"
     """Where dpo and ipo get the reference model's log-probabilities. `adapters_off`: the LoRA
-    model with its adapters disabled (no second copy); `live`: a frozen copy of the starting
-    model, held beside the one that trains; `auto`: adapters_off with LoRA, else live."""
+    model with its adapters disabled (no copy; a forward pass more per micro-batch);
+    `precompute`: one pass of the starting model over the data before training, cached next
+    to the tokenised data and read back on resume; `live`: a frozen copy of the starting
+    model beside the one that trains; `auto`: adapters_off with LoRA, else precompute."""
 
 
 class DatasetConfig(Section):
@@ -563,10 +565,7 @@ def _check_preference(cfg: RunConfig) -> None:
             f"the model without its adapters); this run is {cfg.finetune.method}: use "
             "preference.reference=live (a frozen copy) or auto"
         )
-    live = pref.loss in ("dpo", "ipo") and cfg.finetune.method != "lora"
-    if (pref.reference == "live" or live and pref.reference == "auto") and (
-        cfg.train.strategy == "fsdp"
-    ):
+    if pref.reference == "live" and cfg.train.strategy == "fsdp":
         raise ConfigError(
             "a live reference model with train.strategy=fsdp would hold a whole copy of the "
             "model on every process: use finetune.method=lora (its reference is the base), a "

@@ -138,8 +138,9 @@ def _comm_device(d: Dist) -> torch.device:
 CHECKSUM_CHUNK = 1 << 24  # elements of a weight upcast to float64 at a time (128 MiB)
 
 
-def params_checksum(model: torch.nn.Module) -> str:
-    """A cheap checksum of this rank's own trainable weights: per tensor, its float64 sum and
+def params_checksum(model: torch.nn.Module, trainable_only: bool = True) -> str:
+    """A cheap checksum of this rank's own trainable weights (every weight with
+    `trainable_only=False`): per tensor, its float64 sum and
     sum of squares, computed where the tensor lives, CHECKSUM_CHUNK elements at a time (never a
     float64 copy of a whole weight), then one small transfer to the CPU.
 
@@ -149,7 +150,7 @@ def params_checksum(model: torch.nn.Module) -> str:
     """
     stats = []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad or not trainable_only:
             if hasattr(p, "to_local"):
                 raise ValueError("params_checksum needs whole weights; this one is an FSDP shard")
             total = torch.zeros(2, dtype=torch.float64, device=p.device)

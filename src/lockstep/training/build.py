@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from lockstep.model import adapters, attention
 from lockstep.model.load import DTYPES, load_model, load_tokenizer
 from lockstep.report import log as logmod
 from lockstep.report.metrics import MetricsWriter, truncate_after
-from lockstep.training import checkpoint, faults, parallel
+from lockstep.training import checkpoint, faults, parallel, reference
 from lockstep.training.evaluate import eval_split
 from lockstep.training.objective import objective as objective_of
 from lockstep.training.optim import build_optimizer, build_scheduler
@@ -77,15 +78,25 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     weights_sharded = parallel.shards_weights(cfg, d)
     # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
     built = params_checksum(model) if weights_sharded else None
+    precompute = getattr(objective, "reference", None) == "precompute"
+    starting = params_checksum(model, trainable_only=False) if precompute else None
     trainee = parallel.prepare(cfg, d, model, objective)  # FSDP shards `model` in place
+    if starting:  # before a checkpoint is loaded: the model is the starting one
+        path = reference.table_path(cfg, samples, starting, layout.attention.name or "auto")
+        table, how = reference.precomputed(
+            cfg, d, trainee, objective, samples, tokenizer.pad_token_id, path
+        )
+        objective = dataclasses.replace(objective, table=table)
+        log.info(f"reference log-probabilities: {how}")
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps)
     start_step = restore(cfg, d, resumed, (model, optimizer, scheduler), data_rank, steps)
     log_plan(cfg, samples, order, steps, model, layout.padding_free)
     log.info(f"attention: {model.config._attn_implementation} ({layout.attention.reason}"
              f"{isolation})")  # fmt: skip
+    weights = built or params_checksum(model)
     check_lockstep(
-        fingerprint_fields(cfg, samples, order, built or params_checksum(model), start_step),
+        fingerprint_fields(cfg, samples, order, weights, start_step, objective),
         d, "after building",
     )  # fmt: skip
     trainee = parallel.replicate(cfg, d, trainee)
@@ -326,6 +337,7 @@ def reference_note(cfg: RunConfig) -> str:
         "pass without gradients per micro-batch)",
         "live": "a frozen copy of the starting model (its weights once more in memory; one "
         "more forward pass without gradients per micro-batch)",
+        "precompute": "the starting model's log-probabilities, computed once before training",
     }[reference_of(cfg)]
 
 

@@ -109,7 +109,7 @@ def forward_backward(run: Run, step: int, scale: float) -> torch.Tensor:
             run.ids_log.write(
                 json.dumps({"step": step + 1, "micro": a, "ids": ids.tolist()}) + "\n"
             )
-        batch = to_device(run.objective.prepare(batch), run.d.device, non_blocking=True)
+        batch = to_device(run.objective.prepare(ids, batch), run.d.device, non_blocking=True)
         with parallel.gradient_sync(run.trainee, last=a == run.order.accumulation - 1):
             with parallel.autocast(run.cfg, run.d):
                 summed = run.trainee(batch).reshape(-1)
@@ -174,7 +174,7 @@ def save(run: Run, done: int) -> Path | None:
     # FSDP: each weight lives on one rank only, so there is nothing to compare; it was when built
     sharded = parallel.shards_weights(run.cfg, run.d)
     weights = "sharded" if sharded else params_checksum(run.model)
-    fields = fingerprint_fields(run.cfg, run.samples, run.order, weights, done)
+    fields = fingerprint_fields(run.cfg, run.samples, run.order, weights, done, run.objective)
     check_lockstep(fields, run.d, f"checkpoint {done}")
     state = checkpoint.run_state(
         run.cfg, run.order, done, run.samples.fingerprint, run.window.losses

@@ -9,8 +9,8 @@ An objective gives the loop these things, and the loop knows nothing else of the
 - `module(model)`: the module DDP or FSDP wraps; it takes a micro-batch (on its device) and
   returns the micro-batch's *summed* loss, a scalar tensor, or a vector: the summed loss, then
   the sums of the objective's `metrics` (logged divided by the same denominator);
-- `prepare(batch)`: what the micro-batch needs beyond collation, computed on the host before it
-  moves to its device;
+- `prepare(ids, batch)`: what the micro-batch of units `ids` needs beyond collation, computed
+  on the host before it moves to its device;
 - `denominator(samples, ids)`: what the summed losses of a step are divided by, counted over
   the step's whole global batch `ids` (every rank counts the same number, with no
   communication), so the step's loss does not depend on the world size or the accumulation.
@@ -47,7 +47,7 @@ class Objective(Protocol):
 
     def rows(self, ids: np.ndarray) -> np.ndarray: ...
 
-    def prepare(self, batch: Batch) -> Batch: ...
+    def prepare(self, ids: np.ndarray, batch: Batch) -> Batch: ...
 
     def denominator(self, samples: Samples, ids: np.ndarray) -> int: ...
 
@@ -73,7 +73,7 @@ class TokenCrossEntropy:
     def rows(self, ids: np.ndarray) -> np.ndarray:
         return ids
 
-    def prepare(self, batch: Batch) -> Batch:
+    def prepare(self, ids: np.ndarray, batch: Batch) -> Batch:
         return with_target_index(batch)
 
     def denominator(self, samples: Samples, ids: np.ndarray) -> int:

@@ -25,7 +25,7 @@ pairs whose chosen reward is the larger.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -113,6 +113,8 @@ def metric_sums(lp: PairLogps, reward_w: torch.Tensor, reward_l: torch.Tensor) -
 TARGET_ROW = "target_row"  # batch key: the row of each target position (TARGET_INDEX's order)
 ROW_TARGETS = "row_targets"  # batch key: the number of targets of each row
 REAL_PAIRS = "real_pairs"  # batch key: the pairs of the micro-batch that are not PAD slots
+REF_LOGPS = "ref_logps"  # batch key: each row's precomputed reference log-probability
+REFERENCE_PASS = "reference_pass"  # batch key: return each row's log-probability, no loss
 
 
 def pair_rows(ids: np.ndarray) -> np.ndarray:
@@ -127,13 +129,15 @@ def pair_rows(ids: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class PairPreference:
     """finetune.stage=preference: the mean over the global batch's pairs of their preference
-    loss (see the module docstring). `reference`: none | adapters_off | live."""
+    loss (see the module docstring). `reference`: none | adapters_off | live | precompute;
+    `table`: with precompute, every row's reference log-probability (training/reference.py)."""
 
     settings: Settings
     reference: str
     chunk: int | None = 1024
     name: str = "preference"
     metrics: tuple[str, ...] = METRICS
+    table: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     def module(self, model: torch.nn.Module) -> torch.nn.Module:
         return PairLoss(model, self.settings, self.reference, self.chunk)
@@ -151,30 +155,35 @@ class PairPreference:
     def denominator(self, samples: Samples, ids: np.ndarray) -> int:
         return int((np.asarray(ids) != PAD).sum())
 
-    def prepare(self, batch: dict) -> dict:
-        """Host side: the flat target positions, their rows, each row's target count and the
-        pairs that hold answers (the micro-batch's PAD slots hold none)."""
+    def prepare(self, ids: np.ndarray, batch: dict) -> dict:
+        """Host side: the flat target positions, their rows, each row's target count, the
+        pairs that hold answers (the micro-batch's PAD slots hold none) and, when precomputed,
+        the rows' reference log-probabilities."""
         labels = batch["labels"]
         flat = labels.flatten()
         at = (flat != IGNORE).nonzero().squeeze(1)
         per_row = (labels != IGNORE).sum(dim=1)
         m = labels.size(0) // 2
         real = ((per_row[:m] > 0) & (per_row[m:] > 0)).nonzero().squeeze(1)
-        return {
+        out = {
             **batch, TARGET_INDEX: at, TARGET_ROW: at // labels.size(1), ROW_TARGETS: per_row,
             REAL_PAIRS: real,
         }  # fmt: skip
+        if self.table is not None:
+            rows = self.rows(ids)
+            out[REF_LOGPS] = torch.from_numpy(np.where(rows == PAD, 0.0, self.table[rows]))
+        return out
 
 
 def reference_of(cfg) -> str:
     """preference.reference resolved: none for reference-free losses; auto: adapters_off with
-    LoRA, live otherwise."""
+    LoRA, precompute otherwise."""
     pref = cfg.preference
     if pref.loss in REFERENCE_FREE:
         return "none"
     if pref.reference != "auto":
         return pref.reference
-    return "adapters_off" if cfg.finetune.method == "lora" else "live"
+    return "adapters_off" if cfg.finetune.method == "lora" else "precompute"
 
 
 class PairLoss(torch.nn.Module):
@@ -197,6 +206,9 @@ class PairLoss(torch.nn.Module):
             self._frozen.append(frozen)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if REFERENCE_PASS in batch:  # training/reference.py: the starting model's log-probs
+            with torch.no_grad():
+                return self.row_logps(self.model, batch)
         logps = self.row_logps(self.model, batch)
         ref = self.reference_logps(batch)
         m = logps.size(0) // 2
@@ -218,6 +230,10 @@ class PairLoss(torch.nn.Module):
         """The reference model's summed log-probability of each row (None: reference-free)."""
         if self.reference == "none":
             return None
+        if REF_LOGPS in batch:
+            return batch[REF_LOGPS].float()
+        if self.reference == "precompute":
+            raise ValueError("preference.reference=precompute, but the batch holds no table")
         with torch.no_grad():
             if self.reference == "live":
                 return self.row_logps(self._frozen[0], batch)

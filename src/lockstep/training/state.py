@@ -123,13 +123,16 @@ class Run:
 
 
 def fingerprint_fields(
-    cfg: RunConfig, samples: Samples, order: Order, weights: str, step: int = 0
-) -> dict[str, str]:
+    cfg: RunConfig, samples: Samples, order: Order, weights: str, step: int = 0,
+    objective: Objective | None = None,
+) -> dict[str, str]:  # fmt: skip
     """What every rank must agree on before (and while) training together (dist.check_lockstep);
-    `weights`: the params_checksum of this rank's trainable weights."""
+    `weights`: the params_checksum of this rank's trainable weights; `objective`'s precomputed
+    reference log-probabilities, if it has them."""
     import transformers
 
     from lockstep import __version__
+    from lockstep.training.reference import table_hash
 
     return {
         "lockstep": __version__,
@@ -142,4 +145,5 @@ def fingerprint_fields(
         "num_samples": str(len(samples)),
         "next_batch_sha": batch_sha(order.global_batch(step)),
         "params_checksum": weights,
+        "reference_table": table_hash(getattr(objective, "table", None)),
     }
