@@ -33,6 +33,10 @@ Train and eval are generated from different seeds derived from ``--seed``, and
 eval samples that coincide exactly with a train sample are re-drawn, so the two
 splits are disjoint.
 
+The preference demo's pairs (demo_pairs.jsonl, demo_pairs_eval.jsonl) put the right answer
+(chosen) beside a plausible wrong one (rejected: not uppercased, not reversed, sorted backwards,
+repeated twice, the first word, one too many), in alpaca's pairwise layout.
+
 Usage::
 
     python scripts/make_demo_data.py [--seed 0] [--n-train 2000] [--n-eval 200]
@@ -80,9 +84,21 @@ TASKS: dict[str, Callable[[list[str]], str]] = {
     "Count the words.": lambda ws: str(len(ws)),
 }
 
-# Offsets mixed into the user seed so the two splits use different streams.
+# Plausible wrong answers, for the preference pairs: what a model that half-learnt the task says
+WRONG: dict[str, Callable[[list[str]], str]] = {
+    "Uppercase the words.": lambda ws: " ".join(ws),  # not uppercased
+    "Reverse the order of the words.": lambda ws: " ".join(ws),  # not reversed
+    "Sort the words alphabetically.": lambda ws: " ".join(sorted(ws, reverse=True)),
+    "Repeat the first word three times.": lambda ws: " ".join([ws[0]] * 2),  # twice
+    "Return the last word.": lambda ws: ws[0],  # the first word
+    "Count the words.": lambda ws: str(len(ws) + 1),  # one too many
+}
+
+# Offsets mixed into the user seed so the splits use different streams.
 TRAIN_SEED_OFFSET = 1_000
 EVAL_SEED_OFFSET = 2_000
+PAIRS_TRAIN_SEED_OFFSET = 3_000
+PAIRS_EVAL_SEED_OFFSET = 4_000
 
 Record = dict[str, str]
 
@@ -132,6 +148,27 @@ def make_split(
     return records
 
 
+def make_pairs(
+    rng: random.Random, n: int, vocab: tuple[str, ...], max_words: int,
+    exclude: set[tuple[str, str]] | None = None,
+) -> list[Record]:  # fmt: skip
+    """``n`` preference pairs in alpaca's pairwise layout (instruction, input, chosen,
+    rejected): chosen is the task's answer, rejected the WRONG one. Inputs whose wrong answer
+    happens to be right (a sorted input, a palindrome) are drawn again; the tasks take turns."""
+    exclude = exclude or set()
+    pairs: list[Record] = []
+    while len(pairs) < n:
+        task = list(TASKS)[len(pairs) % len(TASKS)]
+        rec = make_record(rng, vocab, max_words, task)
+        words = rec["input"].split()
+        wrong = WRONG[task](words)
+        if wrong == rec["output"] or (task, rec["input"]) in exclude:
+            continue
+        pairs.append({"instruction": task, "input": rec["input"], "chosen": rec["output"],
+                      "rejected": wrong})  # fmt: skip
+    return pairs
+
+
 def write_jsonl(path: Path, records: list[Record]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
@@ -153,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
         "(8: what the tiny model learns in a few hundred steps)",
     )
     parser.add_argument("--max-words", type=int, default=MAX_WORDS, help="words per input, at most")
+    parser.add_argument("--n-pairs", type=int, default=1200, help="preference pairs to train on")
+    parser.add_argument("--n-pairs-eval", type=int, default=120, help="held-out pairs")
     args = parser.parse_args(argv)
 
     vocab = pick_words(args.n_words)
@@ -168,6 +207,17 @@ def main(argv: list[str] | None = None) -> None:
         max_words=args.max_words,
         cycle=True,
     )
+
+    pairs = make_pairs(
+        random.Random(args.seed + PAIRS_TRAIN_SEED_OFFSET), args.n_pairs, vocab, args.max_words
+    )
+    pair_eval = make_pairs(
+        random.Random(args.seed + PAIRS_EVAL_SEED_OFFSET), args.n_pairs_eval, vocab,
+        args.max_words, exclude={(r["instruction"], r["input"]) for r in pairs},
+    )  # fmt: skip
+    for name, records in (("demo_pairs.jsonl", pairs), ("demo_pairs_eval.jsonl", pair_eval)):
+        write_jsonl(args.out_dir / name, records)
+        print(f"wrote {len(records)} preference pairs to {args.out_dir / name}")
 
     train_path = args.out_dir / "demo_train.jsonl"
     eval_path = args.out_dir / "demo_eval.jsonl"

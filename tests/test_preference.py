@@ -83,6 +83,7 @@ def test_rewards_and_metrics(s):
     assert sums[2] == pytest.approx(sum(want_w) - sum(want_l))
     assert sums[3] == sum(w > r for w, r in zip(want_w, want_l, strict=True))
     assert sums[4] == pytest.approx(sum(p[0] for p in PAIRS))
+    assert sums[6] == sum(p[0] > p[1] for p in PAIRS)
 
 
 @pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo"])

@@ -572,16 +572,21 @@ def _check_preference(cfg: RunConfig) -> None:
             "reference-free loss (preference.loss=simpo or orpo), or train.strategy=ddp"
         )
     refused = {
+        "data.packing": "answer pairs train in padded rows, one answer per row",
+        "data.padding_free": "answer pairs train in padded rows, one answer per row",
+        "data.val_fraction": "held-out pairs come from data.eval (a file of pairs)",
+        "eval.show": "the eval rows report how often the model prefers the chosen answer",
+    }
+    set_ = {
         "data.packing": cfg.data.packing,
         "data.padding_free": cfg.data.padding_free is True,
-        "data.eval": bool(cfg.data.eval),
         "data.val_fraction": bool(cfg.data.val_fraction),
+        "eval.show": bool(cfg.eval.show),
     }
-    for key, on in refused.items():
-        if on:
+    for key, why in refused.items():
+        if set_[key]:
             raise ConfigError(
-                f"{key} is not available with finetune.stage=preference yet (answer pairs train "
-                f"in padded rows, and their evaluation is not built): remove {key}"
+                f"{key} does not apply with finetune.stage=preference ({why}): remove {key}"
             )
 
 

@@ -1,8 +1,10 @@
-"""Evaluation: token-weighted loss over the whole eval set, on every rank, and its split.
+"""Evaluation: the run's objective over the whole eval set, on every rank, and its split.
 
-eval_loss = (sum of cross entropy over every target token of the eval set) / (their number),
-all-reduced over ranks, so it does not depend on the world size or the micro-batch size;
-eval_ppl = exp(eval_loss). Rank r evaluates samples r, r+W, r+2W, ...
+eval_loss = (the objective's summed loss over the eval set) / (its denominator over the eval
+set), all-reduced over ranks, so it does not depend on the world size or the micro-batch size.
+Supervised fine-tuning: the cross entropy per target token, with eval_ppl = exp(eval_loss) and
+eval_tokens; preference training: the mean loss per pair, with eval_ METRICS (rewards, the share
+of pairs whose chosen answer the model finds likelier). Rank r evaluates units r, r+W, ...
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from lockstep.config import DataConfig
 from lockstep.data.collate import collate
 from lockstep.data.dataset import Samples, check_files
 from lockstep.data.order import DATA_STREAM, PAD
-from lockstep.data.render import IGNORE
 from lockstep.dist import Dist, all_reduce_sum
 from lockstep.errors import ConfigError
 from lockstep.model.attention import to_device
 from lockstep.training.loss import CausalLMLoss
+from lockstep.training.objective import Objective, TokenCrossEntropy
+from lockstep.training.preference import PairLoss
 
 VAL_STREAM = DATA_STREAM + 1
 
@@ -70,31 +73,44 @@ def eval_split(
 def evaluate(
     engine: torch.nn.Module, samples: Samples, d: Dist, micro_size: int, pad_id: int,
     padding_free: bool = False, precision: AbstractContextManager | None = None,
-    varlen: bool = False,
+    varlen: bool = False, objective: Objective | None = None,
 ) -> dict:  # fmt: skip
-    """`engine`: the loss module (a bare language model is wrapped in one); never DDP's wrapper.
-    `padding_free`, `varlen`: the micro-batch layout training uses (data/collate.py).
+    """`engine`: the objective's module (a bare language model is wrapped in one); never DDP's
+    wrapper. `padding_free`, `varlen`: the micro-batch layout training uses (data/collate.py);
+    `objective`: the run's (supervised fine-tuning when None).
 
-    Every rank runs the same number of micro-batches (a rank with fewer samples runs empty
+    Every rank runs the same number of micro-batches (a rank with fewer units runs empty
     ones): with FSDP each forward gathers weights from all ranks.
     """
-    if not isinstance(engine, CausalLMLoss):
-        engine = CausalLMLoss(engine)
+    objective = objective or TokenCrossEntropy()
+    if not isinstance(engine, CausalLMLoss | PairLoss):
+        engine = objective.module(engine)
     was_training = engine.training
     engine.eval()
-    mine = np.arange(d.rank, len(samples), d.world_size)
-    per_rank = -(-len(samples) // d.world_size)
-    ce_sum, targets = 0.0, 0
+    units = objective.units(samples)
+    mine = np.arange(d.rank, units, d.world_size)
+    per_rank = -(-units // d.world_size)
+    sums = np.zeros(1 + len(objective.metrics))
+    denominator = 0
     for start in range(0, per_rank, micro_size):
         ids = mine[start : start + micro_size]
         if len(ids) == 0:
             ids = np.array([PAD])
-        batch = to_device(collate(samples, ids, pad_id, padding_free, varlen), d.device)
+        rows = objective.rows(ids)
+        batch = collate(samples, rows, pad_id, padding_free, varlen)
+        batch = to_device(objective.prepare(ids, batch), d.device)
         with precision or nullcontext():
-            ce_sum += float(engine(batch))
-        targets += int((batch["labels"] != IGNORE).sum())
-    ce_sum, targets = all_reduce_sum([ce_sum, float(targets)], d)
+            sums += engine(batch).reshape(-1).double().cpu().numpy()
+        denominator += objective.denominator(samples, ids)
+    *totals, denominator = all_reduce_sum([*sums.tolist(), float(denominator)], d)
     if was_training:
         engine.train()
-    loss = ce_sum / max(targets, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(targets)}
+    loss, *metrics = (t / max(denominator, 1) for t in totals)
+    if objective.metrics:
+        named = {f"eval_{k}": v for k, v in zip(objective.metrics, metrics, strict=True)}
+        return {"eval_loss": loss, **named, "eval_units": int(denominator)}
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 50.0)),
+        "eval_tokens": int(denominator),
+    }

@@ -54,6 +54,8 @@ def train(run: Run) -> float:
     SIGINT) ends the step under way, saves a checkpoint and raises Preempted."""
     stop = StopFlag().install()
     try:
+        if run.start_step == 0 and run.objective.metrics:  # where the objective's metrics start
+            evaluate_now(run, 0)
         for step in range(run.start_step, run.steps):
             result = train_step(run, step)
             log_step(run, result)
@@ -151,19 +153,26 @@ def log_step(run: Run, result: StepResult) -> None:
 
 def evaluate_if_due(run: Run, done: int) -> None:
     """The eval loss every eval.every_steps steps and at the last step (with eval data)."""
-    if run.eval_samples is None or not (
-        done % (run.cfg.eval.every_steps or run.steps) == 0 or done == run.steps
-    ):
+    if done % (run.cfg.eval.every_steps or run.steps) == 0 or done == run.steps:
+        evaluate_now(run, done)
+
+
+def evaluate_now(run: Run, done: int) -> None:
+    """The eval row of step `done` (with eval data), logged and written to metrics.jsonl."""
+    if run.eval_samples is None:
         return
     result = evaluate(
         parallel.unwrap(run.trainee), run.eval_samples, run.d, run.cfg.batch.micro_size,
         run.tokenizer.pad_token_id, run.layout.padding_free, parallel.autocast(run.cfg, run.d),
-        run.layout.attention.varlen,
+        run.layout.attention.varlen, run.objective,
     )  # fmt: skip
     run.metrics.write({"step": done, **result})
-    logmod.get().info(
-        f"step {done}: eval_loss {result['eval_loss']:.4f}, eval_ppl {result['eval_ppl']:.2f}"
+    shown = ", ".join(
+        f"{k} {v:.2f}" if k == "eval_ppl" else f"{k} {v:.4f}"
+        for k, v in result.items()
+        if not k.endswith(("_tokens", "_units"))
     )
+    logmod.get().info(f"step {done}: {shown}")
 
 
 def save(run: Run, done: int) -> Path | None:

@@ -19,7 +19,8 @@ its pairs' losses and the loop divides by the number of pairs in the global batc
 
 Rewards, for the logs: beta * (log pi - log ref) with a reference (DPO, IPO), beta * avg pi
 without one (SimPO, ORPO); the margin is chosen minus rejected; the accuracy is the share of
-pairs whose chosen reward is the larger.
+pairs whose chosen reward is the larger; prefers_chosen, the share of pairs whose chosen answer
+the policy itself finds likelier (log pi(y_w) > log pi(y_l), no reference involved).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ LOSSES = ("dpo", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")
 METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-    "logps/chosen", "logps/rejected",
+    "logps/chosen", "logps/rejected", "prefers_chosen",
 )  # fmt: skip
 
 
@@ -105,6 +106,7 @@ def metric_sums(lp: PairLogps, reward_w: torch.Tensor, reward_l: torch.Tensor) -
         reward_w.sum(), reward_l.sum(), (reward_w - reward_l).sum(),
         (reward_w > reward_l).to(reward_w.dtype).sum(),
         lp.chosen.detach().sum(), lp.rejected.detach().sum(),
+        (lp.chosen > lp.rejected).to(reward_w.dtype).sum(),
     ])  # fmt: skip
 
 
