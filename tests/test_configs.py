@@ -70,10 +70,15 @@ def test_unknown_names_are_one_line_errors(tmp_path):
     assert res.returncode == 1 and len(res.stderr.strip().splitlines()) == 1
     assert (
         "data.train.0.path: no data file 'builtin:nope.jsonl' ships with lockstep; shipped: "
-        "builtin:demo_eval.jsonl, builtin:demo_train.jsonl" in res.stderr
+        "builtin:demo_eval.jsonl, builtin:demo_pairs.jsonl, builtin:demo_pairs_eval.jsonl, "
+        "builtin:demo_train.jsonl" in res.stderr
     )
     res = run_cli("train", "demo.yaml", "--dry-run", cwd=tmp_path)  # a path: the loader's error
     assert res.returncode == 1 and "config file 'demo.yaml' not found" in res.stderr
+
+
+# examples that start from another example's output start from the built-in model here
+STARTS = {"dpo": ["model.path=builtin:tiny"]}
 
 
 @pytest.mark.slow
@@ -84,7 +89,7 @@ def test_every_example_validates_and_trains_two_steps(tmp_path, name):
     out = tmp_path / "out"
     res = run_cli("train", name, f"output_dir={out}", "train.max_steps=2",
                   f"data.cache_dir={tmp_path / 'cache'}", "checkpoint.every_steps=null",
-                  cwd=tmp_path)  # fmt: skip
+                  *STARTS.get(name, []), cwd=tmp_path)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert [r["step"] for r in read(out / "metrics.jsonl") if "loss" in r] == [2]
     assert (out / "final").is_dir()
