@@ -17,7 +17,7 @@ from chat_templates import FAMILIES, family_tokenizer
 from conftest import write_jsonl
 
 from lockstep.config import DataConfig, ModelConfig
-from lockstep.data import dataset, formats, pairs
+from lockstep.data import cache, dataset, formats, pairs
 from lockstep.data.render import IGNORE
 from lockstep.data.sources import Record
 from lockstep.errors import ConfigError, DataError, DatasetError
@@ -261,6 +261,9 @@ BAD = {  # kind: (format, record, what the error says)
     "two prompts": ("preference", {"chosen": [user("Hi"), assistant("A")],
                                    "rejected": [user("Hello"), assistant("B")]},
                     "hold different messages before their answers"),
+    "no answer last": ("preference", {"prompt": "Hi", "chosen": [assistant("A"), user("More")],
+                                      "rejected": "B"},
+                       "field 'chosen' must end with the answer, an assistant message"),
     "user answer": ("sharegpt", {"conversations": [{"from": "human", "value": "Hi"}],
                                  "chosen": {"from": "human", "value": "A"},
                                  "rejected": {"from": "gpt", "value": "B"}},
@@ -362,3 +365,20 @@ def test_pair_samples_never_share_a_cache_entry_with_supervised_samples(tmp_path
     fp = pairs.fingerprint(cfg, qwen)
     assert fp == pairs.fingerprint(cfg, qwen) != dataset.fingerprint(cfg, qwen)
     assert pairs.build_pairs(cfg, qwen).fingerprint == fp
+
+
+def test_pair_samples_round_trip_the_data_cache_and_describe(tmp_path, qwen):
+    """Pair samples are Samples: the tokenised-data cache keeps their rows and stats, and the
+    start-up description reads their stats."""
+    path = write_jsonl(tmp_path / "p.jsonl", [GOOD | {"score": 1}, GOOD | {"chosen": "CAT!"}])
+    cfg = DataConfig(train=[{"path": str(path), "format": "preference"}],
+                     cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    built = pairs.build_pairs(cfg, qwen)
+    file = cache.cache_file(cfg, built.fingerprint)
+    cache.save(file, built)
+    loaded = cache.load(file, built.fingerprint)
+    assert rows(loaded) == rows(built) and loaded.stats == built.stats
+    assert loaded.stats["pairs"] == 2 and len(loaded) == 4
+    assert dataset.describe(loaded.stats, cfg) == [
+        (False, f"{path}: fields not used: score (1 records) (ignore_fields silences this)")
+    ]

@@ -416,11 +416,14 @@ def preference(f: Fields) -> Pair:
             continue
         messages, untrained, unread = _messages_at(f, key)
         extra |= unread
-        if messages[-1]["role"] != "assistant" or len(messages) - 1 in untrained:
+        if messages[-1]["role"] != "assistant":
             raise DataError(
-                f"{f.where}: field {name!r} must end with the answer: a trained assistant "
-                f"message, got a {messages[-1]['role']} message"
+                f"{f.where}: field {name!r} must end with the answer, an assistant message; "
+                f"it ends with a {messages[-1]['role']} message"
             )
+        if len(messages) - 1 in untrained:
+            raise DataError(f"{f.where}: {name}: a pair's answer has loss weight 0; its answers "
+                            "are trained")  # fmt: skip
         before.append(messages[:-1])
         answers.append(messages[-1])
     if before[0] != before[1]:
