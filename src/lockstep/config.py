@@ -123,7 +123,10 @@ class DatasetConfig(Section):
     """A .jsonl/.json/.csv/.parquet/.txt file, a folder of them, or a Hugging Face dataset name
     (a .txt file is one text document: format text); or `builtin:NAME`, a data file shipped
     with lockstep (builtin:demo_train.jsonl, builtin:demo_eval.jsonl), found from any folder."""
-    format: Literal["alpaca", "messages", "sharegpt", "text"] = "alpaca"
+    format: Literal["alpaca", "messages", "sharegpt", "text", "preference"] = "alpaca"
+    """The records' layout. Preference pairs: alpaca or sharegpt with `chosen` / `rejected`
+    answers (LLaMA-Factory's pairwise layouts), or `preference` (TRL's: `prompt`, `chosen`,
+    `rejected`, as messages or as strings); supervised fine-tuning refuses pairs."""
     split: str = "train"
     """The split of a Hugging Face dataset."""
     columns: dict[str, str] | None = None

@@ -13,10 +13,16 @@ dataset in the start-up log and `data preview`), or refused by name when ignorin
 what is trained (a KTO label, preference pairs, a loss weight lockstep cannot apply).
 `columns` maps lockstep's field names to the dataset's (`{instruction: prompt}`), so a dataset
 never needs rewriting to be used.
+
+Preference pairs (`convert_pair`) come in the same layouts: alpaca and sharegpt with `chosen` /
+`rejected` answers (LLaMA-Factory's pairwise datasets), and `preference`, TRL's `prompt` /
+`chosen` / `rejected` (conversational or plain strings). Each gives a `Pair`: the prompt
+conversation and the two assistant answers that follow it.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,18 +35,24 @@ Message = dict[str, Any]
 
 # The fields each format reads, by lockstep's names (the keys `columns` may map), and the names
 # names `dataset_info.json` files give them, accepted as the same keys.
+# alpaca and sharegpt read `chosen` / `rejected` as preference pairs (convert_pair) and refuse them
+# in supervised fine-tuning (convert).
 FORMAT_FIELDS = {
-    "alpaca": ("instruction", "input", "output", "system", "history", "tools"),
-    "sharegpt": ("conversations", "system", "tools", "from", "value"),
+    "alpaca": ("instruction", "input", "output", "system", "history", "tools", "chosen",
+               "rejected"),
+    "sharegpt": ("conversations", "system", "tools", "from", "value", "chosen", "rejected"),
     "messages": ("messages", "tools", "role", "content"),
     "text": ("text",),
-}
+    "preference": ("prompt", "chosen", "rejected", "system", "tools", "role", "content"),
+}  # fmt: skip
 COLUMN_ALIASES = {
     "alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
     "sharegpt": {"messages": "conversations", "role_tag": "from", "content_tag": "value"},
     "messages": {"role_tag": "role", "content_tag": "content"},
     "text": {"prompt": "text"},
+    "preference": {"role_tag": "role", "content_tag": "content"},
 }
+PAIR_FIELDS = ("chosen", "rejected")
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
          "tool": "tool", "function": "tool", "ipython": "tool"}  # fmt: skip
@@ -84,6 +96,29 @@ class Document:
     unused: tuple[str, ...] = ()
 
 
+@dataclass
+class Pair:
+    """A preference pair: the prompt conversation and two answers to it (one assistant message
+    each), `chosen` preferred to `rejected`."""
+
+    prompt: list[Message]
+    chosen: Message
+    rejected: Message
+    tools: list[dict[str, Any]] | None = None
+    unused: tuple[str, ...] = ()
+
+    def conversations(self) -> tuple[Conversation, Conversation]:
+        """prompt + chosen and prompt + rejected; in each, only the answer (the last turn) is
+        trained: the prompt's assistant turns, if any, are context, as the pair's data says."""
+        out = []
+        for answer in (self.chosen, self.rejected):
+            messages = copy.deepcopy([*self.prompt, answer])
+            _link_tool_results(messages)
+            earlier = frozenset(i for i, m in enumerate(messages[:-1]) if m["role"] == "assistant")
+            out.append(Conversation(messages, self.tools, earlier, self.unused))
+        return out[0], out[1]
+
+
 def check_columns(fmt: str, columns: dict[str, str] | None) -> dict[str, str] | None:
     """`columns` with dataset_info.json names replaced by lockstep's; ValueError on a key the
     format never reads (it would be silently unused)."""
@@ -119,36 +154,45 @@ class Fields:
         self.read.add(name)
         return self.raw.get(name)
 
-    def text(self, key: str, required: bool = True) -> str:
+    def value(self, key: str) -> Any:
+        """The field's value; DataError naming it when it is missing or null."""
         name, value = self.name(key), self.get(key)
-        if value is None:
-            if required and name in self.raw:  # a CSV or Parquet cell with no value
-                raise DataError(f"{self.where}: field {name!r} is null (no value)")
-            if required:
-                have = ", ".join(sorted(map(str, self.raw))) or "none"
-                mapped = f" (mapped from {key!r} by columns)" if name != key else ""
-                raise DataError(
-                    f"{self.where}: missing field {name!r}{mapped} (fields present: {have})"
-                )
+        if value is not None:
+            return value
+        if name in self.raw:  # a CSV or Parquet cell with no value
+            raise DataError(f"{self.where}: field {name!r} is null (no value)")
+        have = ", ".join(sorted(map(str, self.raw))) or "none"
+        mapped = f" (mapped from {key!r} by columns)" if name != key else ""
+        raise DataError(f"{self.where}: missing field {name!r}{mapped} (fields present: {have})")
+
+    def text(self, key: str, required: bool = True) -> str:
+        if not required and self.get(key) is None:
             return ""
+        value = self.value(key)
         if not isinstance(value, str):
             raise DataError(
-                f"{self.where}: field {name!r} must be a string, got {type(value).__name__}"
+                f"{self.where}: field {self.name(key)!r} must be a string, got "
+                f"{type(value).__name__}"
             )
         return value
 
-    def refuse(self, ignore: list[str]) -> None:
-        """A field whose meaning SFT would drop (REFUSED_FIELDS), unless `columns` reads it or
-        the dataset's ignore_fields sets it aside, is an error."""
-        read = set(self.columns.values())
-        for k, value in self.raw.items():
-            if k in REFUSED_FIELDS and value is not None and k not in read and k not in ignore:
-                raise DatasetError(
-                    f"{self.where}: field {k!r} would change what is trained "
-                    f"({REFUSED_FIELDS[k]}), and supervised fine-tuning does not read it; remove "
-                    f"it, or add it to this dataset's ignore_fields to train on the records as if "
-                    f"it were absent"
-                )
+    def refuse(self, ignore: list[str], pairs: bool = False) -> None:
+        """A field whose meaning the stage would drop (REFUSED_FIELDS; `chosen` / `rejected`
+        unless `pairs`), under its own name or the one `columns` gives it, is an error unless
+        `columns` reads it as another field or the dataset's ignore_fields sets it aside."""
+        read_as = set(PAIR_FIELDS) if pairs else set()
+        stage = "preference training" if pairs else "supervised fine-tuning"
+        read = {v for k, v in self.columns.items() if k not in REFUSED_FIELDS or k in read_as}
+        for key, why in REFUSED_FIELDS.items():
+            if key in read_as:
+                continue
+            for k in dict.fromkeys((self.name(key), key)):
+                if self.raw.get(k) is not None and k not in read and k not in ignore:
+                    raise DatasetError(
+                        f"{self.where}: field {k!r} would change what is trained ({why}), and "
+                        f"{stage} does not read it; remove it, or add it to this dataset's "
+                        f"ignore_fields to train on the records as if it were absent"
+                    )
 
     def unused(self, ignore: list[str]) -> tuple[str, ...]:
         """Fields nothing read (an empty column is no data)."""
@@ -165,9 +209,15 @@ class Fields:
 
 def alpaca(f: Fields) -> Conversation:
     """instruction (+ input) -> user, output -> assistant; optional system, history and tools."""
-    instruction, extra, output = f.text("instruction"), f.text("input", False), f.text("output")
+    prompt, output = _alpaca_prompt(f), f.text("output")
     if not output.strip():
         raise DataError(f"{f.where}: field {f.name('output')!r} is empty: nothing to train on")
+    return _finish(f, [*prompt, {"role": "assistant", "content": output}], set(), set())
+
+
+def _alpaca_prompt(f: Fields) -> list[Message]:
+    """system, history ([user, assistant] pairs), then instruction (+ input) as the user turn."""
+    instruction, extra = f.text("instruction"), f.text("input", False)
     messages: list[Message] = []
     system = f.text("system", required=False)
     if system:
@@ -183,13 +233,19 @@ def alpaca(f: Fields) -> Conversation:
     for user, assistant in history:
         messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
     user = f"{instruction}\n\n{extra}" if extra else instruction
-    messages += [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-    return _finish(f, messages, set(), set())
+    return [*messages, {"role": "user", "content": user}]
 
 
 def sharegpt(f: Fields) -> Conversation:
     """`conversations: [{from, value}]`: human/gpt/system turns, function_call turns (a JSON call
     or list of calls) and observation turns (their results); optional system and tools."""
+    messages, untrained, extra = _sharegpt_turns(f)
+    return _finish(f, messages, untrained, extra)
+
+
+def _sharegpt_turns(f: Fields) -> tuple[list[Message], set[int], set[str]]:
+    """(messages, untrained assistant turns, unread turn keys) of `conversations`, with the
+    `system` field first."""
     name, role_key, text_key = f.name("conversations"), f.name("from"), f.name("value")
     messages: list[Message] = []
     system = f.text("system", required=False)
@@ -198,10 +254,6 @@ def sharegpt(f: Fields) -> Conversation:
     untrained: set[int] = set()
     extra: set[str] = set()
     for where, t, role in _each_turn(f, "conversations", role_key, text_key, SHAREGPT_ROLES):
-        value = t.get(text_key)
-        if not isinstance(value, str):
-            raise DataError(f"{where}: {text_key!r} must be a string, got {_short(value)}")
-        speaker = t[role_key]
         if role == "system" and system:
             raise DataError(
                 f"{where}: a system turn and a {f.name('system')!r} field: give the system "
@@ -209,12 +261,19 @@ def sharegpt(f: Fields) -> Conversation:
             )
         if not _trained(t, where, role):
             untrained.add(len(messages))
-        if speaker == "function_call":
-            messages.append({"role": role, "tool_calls": _calls_from_json(value, where)})
-        else:
-            messages.append({"role": role, "content": value})
+        messages.append(_sharegpt_message(f, t, where, role))
         extra |= _extra_keys(t, name, {role_key, text_key})
-    return _finish(f, messages, untrained, extra)
+    return messages, untrained, extra
+
+
+def _sharegpt_message(f: Fields, t: dict, where: str, role: str) -> Message:
+    """One {from, value} turn as a message: a function_call turn's value is its JSON call(s)."""
+    value = t.get(f.name("value"))
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {f.name('value')!r} must be a string, got {_short(value)}")
+    if t[f.name("from")] == "function_call":
+        return {"role": role, "tool_calls": _calls_from_json(value, where)}
+    return {"role": role, "content": value}
 
 
 def messages(f: Fields) -> Conversation:
@@ -226,11 +285,17 @@ def messages(f: Fields) -> Conversation:
     `tool_calls` (content may then be null); tool messages `tool_call_id` and `name`. A message's
     `loss_weight` (or `weight`) of 0 leaves that assistant turn untrained.
     """
-    name, role_key, text_key = f.name("messages"), f.name("role"), f.name("content")
+    out, untrained, extra = _messages_at(f, "messages")
+    return _finish(f, out, untrained, extra)
+
+
+def _messages_at(f: Fields, field: str) -> tuple[list[Message], set[int], set[str]]:
+    """(messages, untrained assistant turns, unread message keys) of the message list `field`."""
+    name, role_key, text_key = f.name(field), f.name("role"), f.name("content")
     out: list[Message] = []
     untrained: set[int] = set()
     extra: set[str] = set()
-    for where, t, role in _each_turn(f, "messages", role_key, text_key, ROLES):
+    for where, t, role in _each_turn(f, field, role_key, text_key, ROLES):
         msg: Message = {"role": role}
         value = t.get(text_key)
         if role == "tool" and not isinstance(value, str) and not _is_parts(value):
@@ -266,7 +331,7 @@ def messages(f: Fields) -> Conversation:
         if not _trained(t, where, role):
             untrained.add(len(out))
         out.append(msg)
-    return _finish(f, out, untrained, extra)
+    return out, untrained, extra
 
 
 def text(f: Fields) -> Document:
@@ -286,11 +351,180 @@ def convert(
     """A record -> a conversation (or a text document); DataError names the record."""
     if rec.error:
         raise DataError(f"{rec.where}: {rec.error}")
+    if fmt not in FORMATS:
+        raise DatasetError(
+            f"{rec.where}: format {fmt!r} holds preference pairs, which supervised fine-tuning "
+            f"does not read (its formats: {', '.join(FORMATS)})"
+        )
     f = Fields(rec, columns)
     f.refuse(ignore or [])  # first: the truest thing to say about a preference or KTO record
     out = FORMATS[fmt](f)
     out.unused = tuple(out.unused) + f.unused(ignore or [])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# preference pairs
+
+
+def alpaca_pair(f: Fields) -> Pair:
+    """LLaMA-Factory's alpaca pairwise: the alpaca prompt (system, history, instruction, input)
+    and two answers, `chosen` and `rejected` (strings)."""
+    prompt = _alpaca_prompt(f)
+    chosen, rejected = (_text_answer(f, key) for key in PAIR_FIELDS)
+    return _pair(f, prompt, chosen, rejected, set())
+
+
+def sharegpt_pair(f: Fields) -> Pair:
+    """LLaMA-Factory's sharegpt pairwise: `conversations` (the prompt turns, ending with the
+    user's) and `chosen` / `rejected`, each one assistant turn `{from: gpt, value}`."""
+    prompt, _, extra = _sharegpt_turns(f)
+    answers = []
+    for key in PAIR_FIELDS:
+        name, role_key, text_key = f.name(key), f.name("from"), f.name("value")
+        t = f.value(key)
+        t = t[0] if isinstance(t, list) and len(t) == 1 else t
+        if not isinstance(t, dict) or SHAREGPT_ROLES.get(t.get(role_key)) != "assistant":
+            raise DataError(
+                f"{f.where}: field {name!r} must be one assistant turn {{{role_key}: gpt, "
+                f"{text_key}: ...}}, got {_short(t)}"
+            )
+        answers.append(_sharegpt_message(f, t, f"{f.where}: {name}", "assistant"))
+        _answer_trained(t, f"{f.where}: {name}")
+        extra |= {
+            e.replace(f"{name}[].", f"{name}.") for e in _extra_keys(t, name, {role_key, text_key})
+        }
+    return _pair(f, prompt, answers[0], answers[1], extra)
+
+
+def preference(f: Fields) -> Pair:
+    """TRL's layout: `prompt`, `chosen`, `rejected`, and an optional `system`.
+
+    Standard: three strings (the prompt is one user message, each answer one assistant
+    message). Conversational: `prompt` a list of messages (as the messages format reads them),
+    `chosen` / `rejected` lists of messages ending with the assistant's answer. Messages before
+    the answer in those lists (TRL's implicit prompt: no `prompt` field, or a text `prompt`
+    repeated as their last user message) must be the same in both and continue the prompt.
+    """
+    extra: set[str] = set()
+    answers, before = [], []
+    for key in PAIR_FIELDS:
+        value, name = f.value(key), f.name(key)
+        if isinstance(value, str):
+            before.append([])
+            answers.append(_text_answer(f, key))
+            continue
+        messages, untrained, unread = _messages_at(f, key)
+        extra |= unread
+        if messages[-1]["role"] != "assistant":
+            raise DataError(
+                f"{f.where}: field {name!r} must end with the answer, an assistant message; "
+                f"it ends with a {messages[-1]['role']} message"
+            )
+        if len(messages) - 1 in untrained:
+            raise DataError(f"{f.where}: {name}: a pair's answer has loss weight 0; its answers "
+                            "are trained")  # fmt: skip
+        before.append(messages[:-1])
+        answers.append(messages[-1])
+    if before[0] != before[1]:
+        raise DataError(
+            f"{f.where}: fields {f.name('chosen')!r} and {f.name('rejected')!r} hold different "
+            f"messages before their answers; a pair's two answers reply to one prompt (put the "
+            f"shared messages in {f.name('prompt')!r} and one answer in each)"
+        )
+    prompt, unread = _preference_prompt(f, before[0])
+    return _pair(f, prompt, answers[0], answers[1], extra | unread)
+
+
+def _preference_prompt(f: Fields, before: list[Message]) -> tuple[list[Message], set[str]]:
+    """The prompt conversation: `system`, then `prompt` (text: one user message; a list:
+    messages), then the messages the answers' lists share before the answers."""
+    name, value, extra = f.name("prompt"), f.get("prompt"), set()
+    if value is None and before:
+        prompt = list(before)  # TRL's implicit prompt
+    elif isinstance(value, str) and before:
+        users = [m for m in before if m["role"] == "user"]
+        if not users or str(users[-1].get("content") or "").strip() != value.strip():
+            raise DataError(
+                f"{f.where}: field {name!r} is text, and {f.name('chosen')!r} / "
+                f"{f.name('rejected')!r} begin with a conversation whose last user message is "
+                f"not that text; give the prompt once"
+            )
+        prompt = list(before)  # the prompt written twice, as HuggingFaceH4's datasets do
+    elif isinstance(value, list):
+        prompt, _, extra = _messages_at(f, "prompt")
+        prompt += before
+    else:
+        prompt = [{"role": "user", "content": f.text("prompt")}]
+    system = f.text("system", required=False)
+    if system and prompt[0]["role"] == "system":
+        raise DataError(
+            f"{f.where}: a system message in the prompt and a {f.name('system')!r} field: give "
+            "the system prompt once"
+        )
+    return ([{"role": "system", "content": system}] if system else []) + prompt, extra
+
+
+def _text_answer(f: Fields, key: str) -> Message:
+    return {"role": "assistant", "content": f.text(key)}
+
+
+def _answer_trained(turn: dict, where: str) -> None:
+    """An answer of a pair is trained: a loss weight of 0 on it cannot be honoured."""
+    if not _trained(turn, where, "assistant"):
+        raise DataError(f"{where}: a pair's answer has loss weight 0; its answers are trained")
+
+
+def _pair(f: Fields, prompt: list[Message], chosen: Message, rejected: Message,
+          extra: set[str]) -> Pair:  # fmt: skip
+    """Check what makes a pair: a prompt ending with the turn the answers reply to, two
+    non-empty answers that differ."""
+    turns = [m for m in prompt if m["role"] != "system"]
+    if not turns or turns[-1]["role"] not in ("user", "tool"):
+        got = f"a {turns[-1]['role']} message" if turns else "no user message"
+        raise DataError(
+            f"{f.where}: the prompt must end with the user's (or a tool's) message that the "
+            f"answers reply to; it ends with {got}"
+        )
+    for key, answer in zip(PAIR_FIELDS, (chosen, rejected), strict=True):
+        if not str(answer.get("content") or "").strip() and not answer.get("tool_calls"):
+            raise DataError(
+                f"{f.where}: field {f.name(key)!r} is empty: a pair needs two answers to compare"
+            )
+    if _answer_key(chosen) == _answer_key(rejected):
+        raise DataError(
+            f"{f.where}: {f.name('chosen')!r} and {f.name('rejected')!r} are the same answer, so "
+            f"the pair prefers nothing; fix one answer or remove the record"
+        )
+    tools = _tools(f.get("tools"), f"{f.where}: field {f.name('tools')!r}")
+    return Pair(prompt, chosen, rejected, tools, tuple(sorted(extra)))
+
+
+def _answer_key(m: Message) -> str:
+    """What an answer says, for comparing two (surrounding whitespace aside)."""
+    return json.dumps({k: v.strip() if isinstance(v, str) else v for k, v in m.items()},
+                      sort_keys=True, ensure_ascii=False)  # fmt: skip
+
+
+PAIR_READERS = {"alpaca": alpaca_pair, "sharegpt": sharegpt_pair, "preference": preference}
+
+
+def convert_pair(
+    rec: Record, fmt: str, columns: dict[str, str] | None = None, ignore: list[str] | None = None
+) -> Pair:
+    """A record -> a preference pair; DataError names the record."""
+    if rec.error:
+        raise DataError(f"{rec.where}: {rec.error}")
+    if fmt not in PAIR_READERS:
+        raise DatasetError(
+            f"{rec.where}: format {fmt!r} holds no preference pairs; pairs are read from the "
+            f"formats {', '.join(PAIR_READERS)} (with chosen / rejected answers)"
+        )
+    f = Fields(rec, columns)
+    f.refuse(ignore or [], pairs=True)
+    pair = PAIR_READERS[fmt](f)
+    pair.unused = tuple(pair.unused) + f.unused(ignore or [])
+    return pair
 
 
 # ---------------------------------------------------------------------------------------------
