@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from lockstep.config import DataConfig
-from lockstep.data.dataset import Samples, build, fingerprint
+from lockstep.data.dataset import Samples
 from lockstep.errors import first_line
 
 
@@ -74,12 +74,21 @@ def _check_entry(lengths: np.ndarray, arrays: dict[str, np.ndarray], stats: Any)
         raise ValueError("stats are not a mapping")
 
 
-def load_or_build(cfg: DataConfig, tokenizer: Any, write: bool = True) -> tuple[Samples, str]:
+def load_or_build(
+    cfg: DataConfig, tokenizer: Any, write: bool = True, pairs: bool = False
+) -> tuple[Samples, str]:
     """(samples, what happened: 'cache hit PATH' / 'tokenised, cached in PATH' / 'tokenised').
+    `pairs`: the datasets hold answer pairs (finetune.stage=preference, data/pairs.py).
 
     A damaged entry (a truncated or foreign file, arrays that do not fit together, bad stats)
     is said in the answer and tokenised again; rank 0 (write=True) replaces it.
     """
+    if pairs:
+        from lockstep.data import pairs as pair_data
+
+        build, fingerprint = pair_data.build_pairs, pair_data.fingerprint
+    else:
+        from lockstep.data.dataset import build, fingerprint
     fp = fingerprint(cfg, tokenizer)
     if not cfg.cache:
         return build(cfg, tokenizer, fp), "tokenised (data.cache off)"

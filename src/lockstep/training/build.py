@@ -53,9 +53,13 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     resumed = checkpoint.prepare_resume(cfg, d)
     cfg = with_agreed_seed(cfg, d, resumed)
     tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
-    samples = build_samples(cfg.data, d, tokenizer, "the training data")
+    pairs = cfg.finetune.stage == "preference"
+    samples = build_samples(cfg.data, d, tokenizer, "the training data", pairs)
     samples, eval_samples = eval_split(
-        cfg, samples, cfg.seed, lambda data: build_samples(data, d, tokenizer, "the eval data")
+        cfg,
+        samples,
+        cfg.seed,
+        lambda data: build_samples(data, d, tokenizer, "the eval data", pairs),
     )
     if resumed:
         checkpoint.check_data_change(resumed, samples.fingerprint, cfg)
@@ -141,15 +145,16 @@ def with_agreed_seed(cfg: RunConfig, d: Dist, resumed: checkpoint.Loaded | None)
     return cfg
 
 
-def build_samples(data: DataConfig, d: Dist, tokenizer, what: str) -> Samples:
+def build_samples(data: DataConfig, d: Dist, tokenizer, what: str, pairs: bool) -> Samples:
     """Rank 0 tokenises (or finds the cache); the other ranks wait for it as long as it takes
-    (not launch.timeout_s), then read what it wrote. `what`: the data, for the log."""
+    (not launch.timeout_s), then read what it wrote. `what`: the data, for the log; `pairs`:
+    answer pairs (finetune.stage=preference)."""
     with main_first(d, f"reads or tokenises {what}"):
         if d.is_main:
-            samples, how = cache.load_or_build(data, tokenizer)
+            samples, how = cache.load_or_build(data, tokenizer, pairs=pairs)
             logmod.get().info(f"{what}: {how}")
     if not d.is_main:
-        samples, _ = cache.load_or_build(data, tokenizer, write=False)
+        samples, _ = cache.load_or_build(data, tokenizer, write=False, pairs=pairs)
     return samples
 
 
