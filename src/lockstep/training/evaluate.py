@@ -38,7 +38,7 @@ def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samp
     held = set(val)
     train = [i for i in range(n) if i not in held]
     part, held_out = samples.subset(train), samples.subset(val)
-    part.stats["held_out"] = held_out.stats["samples"]  # said in the start-up log's data line
+    part.stats.held_out = held_out.sample_count()  # said in the start-up log's data line
     return part, held_out
 
 

@@ -107,7 +107,7 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     if loaded and _already_complete(loaded, steps, out, d):
         return out
     support = attention.model_support(cfg.model)
-    mean_length = samples.stats["tokens"] / max(len(samples), 1)
+    mean_length = samples.token_count() / max(len(samples), 1)
     free = attention.padding_free(cfg, d.device, mean_length, support)
     shared_rows = free or cfg.data.packing
     attn = attention.choose(cfg.model, d.device, shared_rows, support)
@@ -459,27 +459,27 @@ def _log_plan(
     log = logmod.get()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     st = samples.stats
-    held = st.get("held_out")
+    held = st.held_out
     held = f" ({held} more held out: data.val_fraction={cfg.data.val_fraction})" if held else ""
     log.info(
-        f"data: {st['samples']} samples{held} from {st.get('records', st['samples'])} records, "
-        f"{st['tokens']} tokens ({st['target_tokens']} trained); "
-        f"longer than {cfg.data.max_length}: {st['truncated']} truncated, {st['dropped']} "
+        f"data: {samples.sample_count()} samples{held} from {st.records} records, "
+        f"{samples.token_count()} tokens ({samples.target_token_count()} trained); "
+        f"longer than {cfg.data.max_length}: {st.truncated} truncated, {st.dropped} "
         f"dropped; fingerprint {samples.fingerprint}"
     )
-    if "packs" in st:
+    if samples.packed:
         log.info(
-            f"packing: {st['samples']} samples into {st['packs']} sequences of "
-            f"{cfg.data.max_length} tokens, {st['packing_efficiency']:.1%} of them real tokens"
+            f"packing: {samples.sample_count()} samples into {len(samples)} sequences of "
+            f"{cfg.data.max_length} tokens, {st.packing_efficiency:.1%} of them real tokens"
         )
-    if st["skipped"]:
-        first = "\n  ".join(st["first_skipped"])
+    if st.skipped:
+        first = "\n  ".join(st.first_skipped)
         log.warning(
-            f"skipped {st['skipped']} bad records (data.on_bad_record=skip); first:\n  {first}"
+            f"skipped {st.skipped} bad records (data.on_bad_record=skip); first:\n  {first}"
         )
     for warn, line in describe(st, cfg.data):
         (log.warning if warn else log.info)(f"data: {line}")
-    unit = "packed sequences" if "packs" in st else "samples"
+    unit = "packed sequences" if samples.packed else "samples"
     log.info(
         f"plan: {steps} optimizer steps ({_epochs(cfg, order, steps)}) of {order.global_size} "
         f"{unit} = {world} process(es) x {order.accumulation} accumulation x "

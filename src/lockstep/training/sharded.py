@@ -75,8 +75,7 @@ def _read(path: Path, state: dict) -> None:
     try:
         dcp.load(state, checkpoint_id=str(path / FOLDER))
     except Exception as e:  # DCP raises CheckpointException and others for a damaged folder
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first}") from None
+        raise CheckpointError(f"cannot load sharded checkpoint {path}: {first_line(e)}") from None
 
 
 def is_sharded(path: Path) -> bool:
