@@ -151,7 +151,7 @@ def test_long_documents_keep_every_token(tmp_path):
     want = [t for d in docs for t in (tok(d["text"])["input_ids"] + [tok.eos_token_id])[1:]]
     targets = [t for lab in got.labels for t in lab[1:].tolist() if t != IGNORE]
     assert targets == want
-    assert got.stats["notes"]["chunked"]["count"] == len(got) - len(docs)
+    assert got.stats.notes["chunked"]["count"] == len(got) - len(docs)
 
 
 def test_tool_calling_in_sharegpt_and_openai_layouts_are_the_same_samples(tmp_path, qwen_model):

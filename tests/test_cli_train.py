@@ -144,6 +144,43 @@ def test_bad_yaml_line_and_traceback_switches(tmp_path):
     assert "Traceback" in res.stderr
 
 
+def test_lockstep_train_reads_its_config_once(tmp_path, alpaca_file):
+    # in one process the config `lockstep train` loaded and checked is the one that trains: an
+    # audit hook counts the opens of the file (the run's own copy in output_dir is another file)
+    import os
+    import subprocess
+    import sys
+
+    cfg = small_config(tmp_path, alpaca_file, train={"max_steps": 1})
+    script = (
+        "import sys\n"
+        f"path, opened = {str(cfg)!r}, []\n"
+        "sys.addaudithook(lambda event, args: opened.append(event) if event == 'open' and "
+        "str(args[0]) == path else None)\n"
+        "from lockstep.cli import main\n"
+        "code = main(['train', path])\n"
+        "print(f'config opened {len(opened)} time(s)')\n"
+        "sys.exit(code)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LOCKSTEP_TRACEBACK"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "config opened 1 time(s)" in res.stdout, res.stdout
+    assert (tmp_path / "out" / "final").is_dir()
+
+
+def test_every_command_takes_traceback():
+    from lockstep.cli import build_parser
+    from lockstep.train import parse
+
+    commands = [["train", "c.yaml"], ["data", "preview", "c.yaml"], ["export", "r", "--out", "o"],
+                ["eval", "c.yaml"], ["configs"], ["chat", "builtin:tiny"], ["env"]]  # fmt: skip
+    for argv in commands:
+        assert parse(build_parser(), [*argv, "--traceback"]).traceback is True, argv
+        assert parse(build_parser(), argv).traceback is False, argv
+
+
 def test_bad_record_names_file_and_line(tmp_path, alpaca_file):
     lines = alpaca_file.read_text().splitlines()
     lines[6] = '{"instruction": "x", "input": "y"}'

@@ -270,3 +270,12 @@ def test_a_union_is_one_line_without_the_schemas_type_names(tmp_path, override, 
     assert msg.startswith(f"invalid config: {expected}") and "\n" not in msg
     for internal in ("literal[", "list[str]", "constrained-", "function-", ".bool"):
         assert internal not in msg
+
+
+def test_one_reason_for_a_failed_operation():
+    from lockstep.errors import first_line, reason
+
+    assert reason(OSError(28, "No space left on device", "/x")) == "No space left on device"
+    assert reason(OSError("plain words")) == "plain words"
+    assert reason(ValueError("  first line\nsecond line")) == "first line"
+    assert first_line(RuntimeError("")) == "RuntimeError"

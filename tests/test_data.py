@@ -28,7 +28,10 @@ def tok():
 
 
 def build(tok, *train, **data):
-    return dataset.build(DataConfig(train=list(train), **data), tok)
+    """The samples of a data section, checked first as every command that builds checks it."""
+    cfg = DataConfig(train=list(train), **data)
+    dataset.check_files(cfg)
+    return dataset.build(cfg, tok)
 
 
 def trained_text(tok, samples, i: int) -> str:
@@ -113,12 +116,12 @@ def test_overlong_truncate_or_drop(tmp_path, tok):
     path = str(write_jsonl(tmp_path / "a.jsonl", [*ALPACA, long_answer, long_prompt]))
     cut = build(tok, {"path": path}, max_length=32)
     # the long answer keeps its first trained tokens; the long prompt keeps none: dropped, counted
-    assert len(cut) == 7 and cut.stats["truncated"] == 2 and max(map(len, cut.input_ids)) == 32
-    assert cut.stats["notes"]["no_target"]["count"] == 1
-    assert cut.stats["notes"]["no_target"]["first"] == f"{path}:8"
+    assert len(cut) == 7 and cut.stats.truncated == 2 and max(map(len, cut.input_ids)) == 32
+    assert cut.stats.notes["no_target"]["count"] == 1
+    assert cut.stats.notes["no_target"]["first"] == f"{path}:8"
     assert trained_text(tok, cut, 6).startswith("word word")
     drop = build(tok, {"path": path}, max_length=32, overlong="drop")
-    assert len(drop) == 6 and drop.stats["dropped"] == 2
+    assert len(drop) == 6 and drop.stats.dropped == 2
 
 
 def test_bad_line_7_is_named_and_skip_counts(tmp_path, tok):
@@ -130,10 +133,10 @@ def test_bad_line_7_is_named_and_skip_counts(tmp_path, tok):
     with pytest.raises(DataError, match=rf"{path}:7: invalid JSON.*on_bad_record=skip"):
         build(tok, {"path": str(path)})
     got = build(tok, {"path": str(path)}, on_bad_record="skip")
-    assert len(got) == 10 and got.stats["skipped"] == 2
-    assert got.stats["first_skipped"][0].startswith(f"{path}:7: invalid JSON")
+    assert len(got) == 10 and got.stats.skipped == 2
+    assert got.stats.first_skipped[0].startswith(f"{path}:7: invalid JSON")
     assert (
-        got.stats["first_skipped"][1]
+        got.stats.first_skipped[1]
         == f"{path}:9: missing field 'output' (fields present: instruction)"
     )
 
@@ -226,7 +229,43 @@ def test_num_proc_gives_the_same_samples(tmp_path, tok):
     one = build(tok, {"path": str(data)}, on_bad_record="skip")
     two = build(tok, {"path": str(data)}, on_bad_record="skip", num_proc=2)
     assert [x.tolist() for x in one.input_ids] == [x.tolist() for x in two.input_ids]
-    assert one.stats == two.stats and one.stats["skipped"] == 1
+    assert one.stats == two.stats and one.stats.skipped == 1
+
+
+def test_a_cache_entry_with_the_earlier_stats_layout_loads(tmp_path, tok):
+    # entries written before the stats became BuildStats also stored the sample counts
+    # (samples, tokens, ...): they load, and the counts come from the samples
+    import numpy as np
+
+    from lockstep.data import cache
+
+    data = write_jsonl(tmp_path / "a.jsonl", ALPACA)
+    cfg = DataConfig(train=[{"path": str(data)}], cache_dir=str(tmp_path / "c"), packing=True)
+    fresh, _ = cache.load_or_build(cfg, tok)
+    entry = next((tmp_path / "c").glob("samples-*.npz"))
+    with np.load(entry) as z:
+        arrays = {k: z[k] for k in z.files}
+    earlier = {**fresh.stats.to_json(), "samples": 999, "tokens": 1, "target_tokens": 1,
+               "max_len": 1, "packs": 999}  # fmt: skip
+    del earlier["held_out"]
+    arrays["stats"] = np.array(json.dumps(earlier))
+    with entry.open("wb") as f:
+        np.savez(f, **arrays)
+    again, how = cache.load_or_build(cfg, tok)
+    assert how.startswith("reusing") and again.stats == fresh.stats
+    assert again.token_count() == fresh.token_count() == sum(len(x) for x in fresh.input_ids)
+    assert again.sample_count() == len(ALPACA)
+
+
+def test_a_dataset_error_in_a_tokenising_process_stops_the_build(tmp_path, tok):
+    from lockstep.errors import DatasetError
+
+    no_template = type(tok).from_pretrained(BUILTIN_DIR / "tiny")
+    no_template.chat_template = None
+    data = write_jsonl(tmp_path / "a.jsonl", ALPACA * 20)
+    cfg = DataConfig(train=[{"path": str(data)}], num_proc=2, on_bad_record="skip")
+    with pytest.raises(DatasetError, match="the tokenizer has no chat template"):
+        dataset.build(cfg, no_template)
 
 
 @pytest.mark.parametrize(
@@ -320,7 +359,7 @@ def test_a_broken_record_is_named_or_skipped_and_counted(tmp_path, tok, case):
     with pytest.raises(DataError, match=rf"^{re.escape(str(path))}:{line}: .*{re.escape(message)}"):
         build(tok, {"path": str(path)})
     got = build(tok, {"path": str(path)}, on_bad_record="skip")
-    assert len(got) == 2 and got.stats["skipped"] == 1
+    assert len(got) == 2 and got.stats.skipped == 1
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path, tok):

@@ -94,3 +94,26 @@ def test_model_path_errors(tmp_path, alpaca_file):
     res = run_cli("train", str(small_config(tmp_path, alpaca_file, model={"path": "builtin:huge"})))
     assert res.returncode == 1 and "unknown built-in model 'builtin:huge'" in res.stderr
     assert "builtin:tiny" in res.stderr
+
+
+def test_hub_ids_are_told_from_local_paths_in_one_place(tmp_path):
+    # model.path, data paths and an adapter's base ask lockstep.hub the same question
+    from lockstep import hub
+    from lockstep.data import sources
+    from lockstep.errors import ModelError
+    from lockstep.infer import _adapter_base
+    from lockstep.model.load import resolve
+
+    for name, is_id in [("org/name", True), ("name", True), ("./name", False), ("/abs/x", False),
+                        ("~/x", False), ("a/b/c", False)]:  # fmt: skip
+        assert hub.looks_like_id(name) is is_id, name
+    with pytest.raises(ModelError, match=r"model.path: folder 'a/b/c' not found"):
+        resolve("a/b/c")
+    assert sources.is_hub_name("org/dataset") and not sources.is_hub_name("a/b/c")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "a/b/c"}))
+    with pytest.raises(ModelError, match=r"its base model 'a/b/c' .* is not there"):
+        _adapter_base(adapter)
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "o/m"}))
+    assert _adapter_base(adapter) == "o/m"  # a hub id: transformers resolves it

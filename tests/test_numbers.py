@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from conftest import run_cli, small_config
 
-from lockstep.data.dataset import Samples
+from lockstep.data.dataset import BuildStats, Samples
 from lockstep.data.render import IGNORE
 from lockstep.training.evaluate import split_validation
 
@@ -24,16 +24,37 @@ def line(stderr: str, start: str) -> str:
 def test_a_split_counts_only_its_own_samples() -> None:
     ids = [np.arange(n) for n in (5, 7, 9, 11, 13, 15, 17, 19, 21, 23)]
     labels = [np.where(np.arange(len(x)) >= 3, x, IGNORE) for x in ids]
-    stats = {"records": 10, "samples": 10, "tokens": 140, "target_tokens": 110, "max_len": 23}
+    stats = BuildStats(records=10)
     train, val = split_validation(Samples(ids, labels, "abc", stats), 0.2, seed=3)
     for part in (train, val):
-        assert part.stats["tokens"] == sum(len(x) for x in part.input_ids)
-        assert part.stats["target_tokens"] == sum(int((y != IGNORE).sum()) for y in part.labels)
-        assert part.stats["samples"] == len(part)
+        assert part.token_count() == sum(len(x) for x in part.input_ids)
+        assert part.target_token_count() == sum(int((y != IGNORE).sum()) for y in part.labels)
+        assert part.sample_count() == len(part)
         assert part.fingerprint == "abc"  # the data's: one hash names the data in a run
-    assert train.stats["tokens"] + val.stats["tokens"] == 140
-    assert (len(train), train.stats["held_out"]) == (8, 2)
-    assert train.stats["records"] == 10  # what the build read stays the build's
+    assert train.token_count() + val.token_count() == 140
+    assert (len(train), train.stats.held_out) == (8, 2)
+    assert train.stats.records == 10  # what the build read stays the build's
+
+
+def test_counts_follow_the_samples_held_after_subset_and_packing() -> None:
+    # the counts that decide padding-free rows and fill the start-up log come from the samples
+    # a Samples holds, never from numbers the build wrote down for all of them
+    from lockstep.data.packing import pack
+
+    ids = [np.arange(n) for n in (5, 7, 9, 11, 13)]
+    labels = [np.where(np.arange(len(x)) >= 2, x, IGNORE) for x in ids]
+    whole = Samples(ids, labels, "abc", BuildStats(records=5))
+    assert (whole.token_count(), whole.target_token_count(), whole.sample_count()) == (45, 35, 5)
+    part = whole.subset([1, 3])
+    assert (part.token_count(), part.target_token_count(), part.sample_count()) == (18, 14, 2)
+    assert part.stats == whole.stats and part.stats is not whole.stats  # the build's, a copy
+    assert whole.without_last().token_count() == 45 - 13
+    packed = pack(whole, 16)  # rows: [13], [11, 5], [9, 7]
+    assert (len(packed), packed.sample_count(), packed.token_count()) == (3, 5, 45)
+    assert packed.stats.packing_efficiency == round(45 / (3 * 16), 4)
+    one_row = packed.subset([1])
+    assert (one_row.sample_count(), one_row.token_count()) == (2, 16)
+    assert one_row.target_token_count() == int((packed.labels[1] != IGNORE).sum())
 
 
 def test_val_fraction_log_counts_the_training_part_with_one_fingerprint(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_pack_labels_never_cross_a_boundary(tok):
 def test_packing_is_deterministic_and_dense(tok):
     a, b = demo(tok, packing=True), demo(tok, packing=True)
     assert [x.tolist() for x in a.input_ids] == [x.tolist() for x in b.input_ids]
-    assert a.stats["packing_efficiency"] > 0.9
+    assert a.stats.packing_efficiency > 0.9
     assert len(a) < len(demo(tok)) / 3
     groups = assign([5, 3, 7, 2, 8, 1], 10)
     assert sorted(i for g in groups for i in g) == list(range(6))

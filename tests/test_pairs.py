@@ -26,8 +26,6 @@ from lockstep.model.load import load_tokenizer
 PAIRS = [("Uppercase: cat", "CAT", "Cat"), ("Reverse: abc", "cba", "abc"),
          ("Add 2 and 3.", "5", "6")]  # fmt: skip
 SYSTEM, HISTORY = "Answer exactly.", ("Ready?", "Ready.")
-STATS = {"records", "pairs", "samples", "tokens", "target_tokens", "truncated", "dropped",
-         "skipped", "first_skipped", "max_len", "notes", "unused"}  # fmt: skip
 
 
 def user(text: str) -> dict:
@@ -119,9 +117,8 @@ def test_every_layout_gives_the_same_rows_training_only_the_answers(tmp_path, to
     files = layouts(tmp_path)
     built = {layout: build([entry], tokenizer) for layout, entry in files.items()}
     alpaca = built["alpaca"]
-    assert set(alpaca.stats) == STATS | {"pairs"}
-    assert alpaca.stats["pairs"] == len(PAIRS) and len(alpaca) == 2 * len(PAIRS)
-    assert alpaca.stats["skipped"] == 0 and alpaca.stats["unused"] == {"0": {}}
+    assert len(alpaca) // 2 == len(PAIRS) and len(alpaca) == 2 * len(PAIRS)
+    assert alpaca.stats.skipped == 0 and alpaca.stats.unused == {"0": {}}
     assert alpaca.fingerprint == pairs.fingerprint(DataConfig(train=[files["alpaca"]],
                                                               max_length=256), tokenizer)  # fmt: skip
     for i, (_, chosen, rejected) in enumerate(PAIRS):
@@ -137,7 +134,7 @@ def test_every_layout_gives_the_same_rows_training_only_the_answers(tmp_path, to
         assert rows(built[layout]) == rows(alpaca), layout
     assert rows(built["strings"]) == rows(alpaca)[2:]  # the pairs without an earlier exchange
     together = build(list(files.values()), tokenizer)
-    assert together.stats["records"] == 5 * len(PAIRS) - 1
+    assert together.stats.records == 5 * len(PAIRS) - 1
     assert rows(together) == [r for layout in files for r in rows(built[layout])]
 
 
@@ -193,7 +190,7 @@ def test_columns_remap_every_layout_and_unread_fields_are_counted(tmp_path, qwen
         got = build([{"path": str(path), "format": files[layout]["format"], "columns": columns}],
                     qwen)  # fmt: skip
         assert rows(got) == rows(build([files[layout]], qwen)), layout
-        assert got.stats["unused"] == {"0": {"score": len(PAIRS)}}, layout
+        assert got.stats.unused == {"0": {"score": len(PAIRS)}}, layout
     # a LLaMA-Factory dataset_info.json entry's columns, pasted as they are
     info = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
             "system": "system", "history": "history"}  # fmt: skip
@@ -205,7 +202,7 @@ def test_columns_remap_every_layout_and_unread_fields_are_counted(tmp_path, qwen
                  "rejected": {"from": "gpt", "value": "Go away"}}]  # fmt: skip
     path = write_jsonl(tmp_path / "rated.jsonl", sharegpt)
     got = build([{"path": str(path), "format": "sharegpt", "ignore_fields": ["score"]}], qwen)
-    assert got.stats["unused"] == {"0": {"chosen.rating": 1}}
+    assert got.stats.unused == {"0": {"chosen.rating": 1}}
 
 
 def _rename(value, names: dict[str, str]):
@@ -234,7 +231,7 @@ def test_supervised_fine_tuning_refuses_pairs_under_any_name(tmp_path, qwen):
                                            r"not read it"):  # fmt: skip
         build([{"path": str(kto), "format": "preference"}], qwen)
     got = build([{"path": str(kto), "format": "preference", "ignore_fields": ["label"]}], qwen)
-    assert got.stats["pairs"] == 1
+    assert len(got) // 2 == 1
     text = write_jsonl(tmp_path / "t.jsonl", [{"text": "plain"}])
     with pytest.raises(DatasetError, match="format 'text' holds no preference pairs"):
         build([{"path": str(text), "format": "text"}], qwen)
@@ -289,9 +286,9 @@ def test_bad_pairs_are_named_by_file_and_line_or_skipped_and_counted(tmp_path, q
         assert message.endswith("(data.on_bad_record=skip skips such records)"), message
         entries.append(entry)
     got = build(entries, qwen, max_length=64, on_bad_record="skip")
-    assert got.stats["skipped"] == len(BAD) and got.stats["pairs"] == len(BAD)
-    assert got.stats["records"] == len(BAD)
-    assert [s.split(": ")[0] for s in got.stats["first_skipped"]] == [
+    assert got.stats.skipped == len(BAD) and len(got) // 2 == len(BAD)
+    assert got.stats.records == len(BAD)
+    assert [s.split(": ")[0] for s in got.stats.first_skipped] == [
         f"{e['path']}:2" for e in entries[:3]
     ]
     assert all(trained(got, r) for r in range(len(got)))
@@ -307,14 +304,14 @@ def test_overlong_pairs_are_cut_after_the_whole_prompt_or_dropped(tmp_path, qwen
     path = write_jsonl(tmp_path / "long.jsonl", recs)
     entry = {"path": str(path), "format": "preference"}
     full = build([entry], qwen)
-    assert full.stats["truncated"] == 0 and max(map(len, full.input_ids)) > 48
+    assert full.stats.truncated == 0 and max(map(len, full.input_ids)) > 48
     # truncate: each row cut at max_length, the prompt whole; cut to the same tokens is bad
     with pytest.raises(DataError, match=rf"^{path}:3: cut to data.max_length=48 tokens, the "
                                         r"chosen and the rejected rows are the same"):  # fmt: skip
         build([entry], qwen, max_length=48)
     cut = build([entry], qwen, max_length=48, on_bad_record="skip")
-    assert cut.stats["pairs"] == 2 and cut.stats["skipped"] == 1
-    assert cut.stats["truncated"] == 1 and cut.stats["max_len"] == 48
+    assert len(cut) // 2 == 2 and cut.stats.skipped == 1
+    assert cut.stats.truncated == 1 and max(map(len, cut.input_ids)) == 48
     assert rows(cut)[:2] == rows(full)[:2]
     assert cut.input_ids[2].tolist() == full.input_ids[2][:48].tolist()
     assert prompt_of(cut, 2) == prompt_of(full, 2) == prompt_of(cut, 3)
@@ -322,7 +319,7 @@ def test_overlong_pairs_are_cut_after_the_whole_prompt_or_dropped(tmp_path, qwen
     # drop: the pairs with a row over max_length go, both rows
     dropped = build([entry], qwen, max_length=48, overlong="drop")
     assert rows(dropped) == rows(full)[:2]
-    assert dropped.stats["dropped"] == 4 and dropped.stats["pairs"] == 1
+    assert dropped.stats.dropped == 4 and len(dropped) // 2 == 1
     with pytest.raises(DataError, match=r"no usable preference pairs \(2 longer than data.max"):
         build([{"path": str(write_jsonl(tmp_path / "l.jsonl", recs[1:])),
                 "format": "preference"}], qwen, max_length=48, overlong="drop")  # fmt: skip
@@ -378,7 +375,7 @@ def test_pair_samples_round_trip_the_data_cache_and_describe(tmp_path, qwen):
     cache.save(file, built)
     loaded = cache.load(file, built.fingerprint)
     assert rows(loaded) == rows(built) and loaded.stats == built.stats
-    assert loaded.stats["pairs"] == 2 and len(loaded) == 4
+    assert len(loaded) // 2 == 2 and len(loaded) == 4
     assert dataset.describe(loaded.stats, cfg) == [
         (False, f"{path}: fields not used: score (1 records) (ignore_fields silences this)")
     ]

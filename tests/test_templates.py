@@ -150,7 +150,7 @@ def test_whole_refuses_what_auto_splits_and_last_never_needs_to(tmp_path, name):
     record = {"messages": [msg("system", SYSTEM), msg("user", Q1), msg("assistant", A1),
                            msg("user", Q2), msg("assistant", A2)]}  # fmt: skip
     auto = build(tmp_path, tok, "messages", [record])
-    assert len(auto) == 2 and auto.stats["notes"]["split"]["count"] == 1
+    assert len(auto) == 2 and auto.stats.notes["split"]["count"] == 1
     with pytest.raises(DataError, match=r"assistant message 3 is written .* data.multi_turn=auto"):
         build(tmp_path, tok, "messages", [record], multi_turn="whole")
     last = build(tmp_path, tok, "messages", [record], train_on="last")
@@ -191,7 +191,7 @@ def test_reasoning_drop_trains_the_answers_of_templates_that_strip_it(tmp_path, 
     _, record, _ = RECORDS["reasoning-inline"]
     got = build(tmp_path, tok, "messages", [record], reasoning="drop")
     assert runs(tok, got) == [A1 + fam.end]
-    notes = got.stats["notes"]
+    notes = got.stats.notes
     assert notes["reasoning_dropped"]["count"] == 1
     # R1's prompt opens a think block the conversation never has: trained without it, said
     assert ("prompt_tail" in notes) == (name == "deepseek-r1")
@@ -210,7 +210,7 @@ def test_template_dropping_the_system_prompt_is_counted(tmp_path):
     tok = family_tokenizer(FAMILIES["phi4-reasoning"])
     _, record, _ = RECORDS["system"]
     got = build(tmp_path, tok, "messages", [record, record])
-    note = got.stats["notes"]["system_dropped"]
+    note = got.stats.notes["system_dropped"]
     assert note["count"] == 2 and note["detail"] == "message 1 (system)"
     assert SYSTEM not in tok.decode(got.input_ids[0].tolist())
 
@@ -221,11 +221,11 @@ def test_template_without_end_marker_gets_eos_where_a_turn_ends_its_sample(tmp_p
     _, record, _ = RECORDS["multi"]
     whole = build(tmp_path, tok, "messages", [record])
     assert runs(tok, whole) == ["\n" + A1, "\n" + A2 + fam.eos]
-    notes = whole.stats["notes"]
+    notes = whole.stats.notes
     assert notes["no_end_marker"]["count"] == 1 and notes["eos_appended"]["count"] == 1
     split = build(tmp_path, tok, "messages", [record], multi_turn="split")
     assert runs(tok, split) == ["\n" + A1 + fam.eos, "\n" + A2 + fam.eos]
-    assert "no_end_marker" not in split.stats["notes"]
+    assert "no_end_marker" not in split.stats.notes
 
 
 def test_end_of_conversation_eos_is_never_trained(tmp_path):
@@ -277,7 +277,7 @@ def test_a_template_that_ignores_tools_is_counted(tmp_path):
     tok = family_tokenizer(FAMILIES["phi4-mini"])
     record = {"tools": TOOLS, "messages": [msg("user", Q1), msg("assistant", A1)]}
     got = build(tmp_path, tok, "messages", [record])
-    assert got.stats["notes"]["tools_dropped"]["detail"] == "get_weather"
+    assert got.stats.notes["tools_dropped"]["detail"] == "get_weather"
 
 
 def test_named_templates_pick_by_tools_like_transformers(tmp_path):
@@ -337,7 +337,7 @@ def test_marked_template_that_rewrites_history_splits_like_any_other(tmp_path):
     auto = build(tmp_path, tok, "messages", [record])
     lead = "<think>\n\n</think>\n\n"
     assert runs(tok, auto) == [lead + A1 + "<|im_end|>", lead + A2 + "<|im_end|>"]
-    assert auto.stats["notes"]["split"]["count"] == 1
+    assert auto.stats.notes["split"]["count"] == 1
     with pytest.raises(DataError, match="assistant message 2 is written .*multi_turn=auto"):
         build(tmp_path, tok, "messages", [record], multi_turn="whole")
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from lockstep import __version__
-from lockstep.errors import LaunchError, LockstepError, TrainingError, report, show_traceback
+from lockstep.errors import (
+    LaunchError,
+    LockstepError,
+    TrainingError,
+    add_traceback_flag,
+    reason,
+    report,
+    show_traceback,
+)
 from lockstep.training.preempt import Preempted
 
 if TYPE_CHECKING:
@@ -23,17 +31,15 @@ if TYPE_CHECKING:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from lockstep import config, configs, launch, train
-    from lockstep.data.dataset import check_files
 
     args.config = configs.resolve(args.config)  # `lockstep train demo`: a shipped example
-    cfg = config.load(args.config, args.overrides)  # fail fast, before any process starts
-    check_files(cfg.data)
+    cfg = train.load_checked(args)  # fail fast, before any process starts
     train.options(args)  # flags that do not go together (--as-rank needs --debug), dry run too
     flags = {k: getattr(args, k) for k in launch.ENV_VARS}
     plan = launch.plan(cfg.launch, flags, os.environ, launch.visible_gpus())
     one_process = plan.in_process or launch.debug_requested(args.debug)
     if not one_process:
-        config.check(cfg, plan.world_size)
+        config.check_world(cfg, plan.world_size)
     child = [args.config, *args.overrides]
     child += ["--traceback"] * args.traceback
     child += ["--debug-rank", str(args.debug_rank)] if args.debug_rank is not None else []
@@ -48,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(launch.shell_line(argv))
         return 0
     if one_process:
-        return train.run(args, via_lockstep=True)
+        return train.run(args, cfg, via_lockstep=True)
     argv = launch.torchrun_argv(plan, child, launcher_module="lockstep.torchrun")
     first = plan.node_rank * plan.nproc_per_node
     describe, env = plan.describe(), {}
@@ -121,9 +127,7 @@ def _open_log(log: Path) -> BinaryIO:
         log.parent.mkdir(parents=True, exist_ok=True)
         return log.open("ab")
     except OSError as e:
-        raise LaunchError(
-            f"output_dir: cannot write the launch log {log}: {e.strerror or e}"
-        ) from None
+        raise LaunchError(f"output_dir: cannot write the launch log {log}: {reason(e)}") from None
 
 
 def _show_and_log(proc: subprocess.Popen, view: LaunchOutput) -> LaunchOutput:
@@ -167,9 +171,11 @@ def _a_rank_failed(failures: Path) -> bool:
 def _cmd_data_preview(args: argparse.Namespace) -> int:
     from lockstep import config, configs
     from lockstep.data import cache, preview, templates
+    from lockstep.data.dataset import check_files
     from lockstep.model.load import load_tokenizer
 
     cfg = config.load(configs.resolve(args.config), args.overrides)
+    check_files(cfg.data)  # a missing data file in words, before the tokenizer loads
     tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
     samples, how = cache.load_or_build(cfg.data, tokenizer)
     print(f"[lockstep] data: {how}", file=sys.stderr)
@@ -189,12 +195,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     """eval_loss of a checkpoint (default: the run's newest) on the config's eval data."""
     from lockstep import config, configs, dist
     from lockstep.data import cache
+    from lockstep.data.dataset import check_files
     from lockstep.export import model_from_checkpoint, resolve_checkpoint, tokenizer_from_checkpoint
     from lockstep.training import parallel
-    from lockstep.training.evaluate import eval_data, eval_split, evaluate
+    from lockstep.training.evaluate import check_eval_files, eval_split, evaluate
 
     cfg = config.load(configs.resolve(args.config), args.overrides)
-    eval_data(cfg)  # a missing data.eval file, before the model loads
+    check_files(cfg.data)  # a missing data file, before the model loads
+    check_eval_files(cfg)  # a missing data.eval file, named as such
     ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))
     model, trained_cfg, _ = model_from_checkpoint(ckpt, args.trust_remote_code)
     tokenizer = tokenizer_from_checkpoint(ckpt, trained_cfg)
@@ -278,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("-n", type=int, default=3, help="samples to show (default 3)")
     p.add_argument("--no-colour", action="store_true", help="[[brackets]] even on a terminal")
-    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_traceback_flag(p)
     p.set_defaults(func=_cmd_data_preview)
 
     p = sub.add_parser("export", help="a run or checkpoint -> a Hugging Face folder")
@@ -287,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights")
     p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
     _add_trust_flag(p)
-    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_traceback_flag(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="eval_loss / eval_ppl of a checkpoint on the eval data")
@@ -295,14 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--checkpoint", help="a checkpoint or run folder (default: output_dir's newest)")
     _add_trust_flag(p)
-    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_traceback_flag(p)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("configs", help="list the example configs, or copy one to start from")
     p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
     p.add_argument("name", nargs="?", help="with copy: the config's name")
     p.add_argument("dest", nargs="?", help="with copy: file or folder (default ./NAME.yaml)")
-    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_traceback_flag(p)
     p.set_defaults(func=_cmd_configs)
 
     p = sub.add_parser("chat", help="chat with a model, a run or an adapter in the terminal")
@@ -320,12 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--show-prompt", dest="show_prompt", action="store_true",
         help="print each prompt on stderr exactly as the model receives it (its chat template)",
     )  # fmt: skip
-    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_traceback_flag(p)
     p.set_defaults(func=_cmd_chat)
 
     p = sub.add_parser("env", help="versions, devices, and where lockstep is imported from")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--traceback", action="store_true", help=argparse.SUPPRESS)
+    add_traceback_flag(p, shown=False)
     p.set_defaults(func=_cmd_env)
     return parser
 

@@ -480,7 +480,21 @@ def validate(raw: dict[str, Any]) -> RunConfig:
 
 
 def check(cfg: RunConfig, world_size: int = 1) -> None:
-    """Combinations of values that are each valid alone but not together."""
+    """Combinations of values that are each valid alone but not together, and the batch split
+    on `world_size` processes (validate runs it for one process on every config it loads)."""
+    _check_combinations(cfg)
+    _check_batch_split(cfg, world_size)
+
+
+def check_world(cfg: RunConfig, world_size: int) -> None:
+    """The batch split on the world the run will have, once it is known: every loaded config
+    was checked for one process already (validate), so only a larger world checks again."""
+    if world_size > 1:
+        _check_batch_split(cfg, world_size)
+
+
+def _check_combinations(cfg: RunConfig) -> None:
+    """Values each valid alone that do not go together."""
     if cfg.eval.every_steps and not (cfg.data.eval or cfg.data.val_fraction):
         raise ConfigError(
             "eval.every_steps is set but there is nothing to evaluate on: set data.eval "
@@ -531,6 +545,10 @@ def check(cfg: RunConfig, world_size: int = 1) -> None:
             "under fsdp"
         )
     _check_preference(cfg)
+
+
+def _check_batch_split(cfg: RunConfig, world_size: int) -> None:
+    """Each optimizer step splits into whole micro-batches on every one of `world_size`."""
     g, m = cfg.batch.global_size, cfg.batch.micro_size
     if g % (m * world_size):
         per_step = m * world_size

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lockstep import DISTRIBUTION
 from lockstep.data.sources import BUILTIN_DATA, builtin_names
-from lockstep.errors import ConfigError, first_line
+from lockstep.errors import ConfigError, reason
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
 
@@ -79,5 +79,5 @@ def copy(name: str, dest: str | None) -> Path:
     try:
         shutil.copyfile(items[name][0], target)
     except OSError as e:
-        raise ConfigError(f"cannot write {target}: {e.strerror or first_line(e)}") from None
+        raise ConfigError(f"cannot write {target}: {reason(e)}") from None
     return target

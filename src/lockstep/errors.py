@@ -1,5 +1,7 @@
 """One error hierarchy: every failure a user can fix ends as one of these, printed in words."""
 
+import argparse
+
 
 class LockstepError(Exception):
     """Base of every error lockstep reports as `lockstep: error: ...` (no traceback)."""
@@ -38,6 +40,22 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception from another library: enough to say what went wrong in
     one line of lockstep's own error."""
     return ((str(e).strip().splitlines() or [type(e).__name__])[0] or type(e).__name__)[:limit]
+
+
+def reason(e: BaseException) -> str:
+    """Why an operation failed, in a few words: an OSError's strerror ("No space left on
+    device", without the errno and path that the caller's message names itself), else the
+    first line of the error."""
+    return getattr(e, "strerror", None) or first_line(e)
+
+
+def add_traceback_flag(parser: argparse.ArgumentParser, shown: bool = True) -> None:
+    """--traceback, on every command (read by show_traceback when an error is reported);
+    `shown`: listed in the command's --help."""
+    parser.add_argument(
+        "--traceback", action="store_true",
+        help="show the traceback of an error" if shown else argparse.SUPPRESS,
+    )  # fmt: skip
 
 
 def show_traceback(flag: bool = False) -> bool:

@@ -15,6 +15,13 @@ from urllib.parse import urlparse
 CONNECT_TIMEOUT_S = 3.0
 
 
+def looks_like_id(name: str) -> bool:
+    """Whether `name` is written as a hub id (`org/name` or `name`) rather than a local path:
+    it starts with none of `.`, `/`, `~` and holds at most one `/`. Says nothing about whether
+    a local file of that name exists (callers look first)."""
+    return not name.startswith((".", "/", "~")) and name.count("/") <= 1
+
+
 def offline_problem(name: str, kind: str, cached_file: str) -> str | None:
     """Why `name` cannot be loaded from the hub here, or None if it may be: it is cached
     (`cached_file` of it is in the local hub cache), or the hub answers. `kind`: 'model' or

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from lockstep import hub
 from lockstep.errors import LockstepError, ModelError, first_line
 
 Message = dict[str, str]
@@ -35,7 +36,9 @@ BLOCK = '"""'  # a line of its own that opens and closes a multi-line message
 
 
 @dataclass
-class Loaded:
+class ChatModel:
+    """The model that answers, in eval mode on its device, and its tokenizer."""
+
     model: Any
     tokenizer: Any
     what: str  # said once at start-up, so the user knows which weights answer
@@ -46,17 +49,17 @@ class Loaded:
 def main(args: argparse.Namespace) -> int:
     """`lockstep chat`: one answer with --prompt (for scripts), else a conversation."""
     _check_flags(args)
-    loaded = load(args.model, args.adapter)
-    print(f"[lockstep] chat: {loaded.what}", file=sys.stderr, flush=True)
+    chat = load(args.model, args.adapter)
+    print(f"[lockstep] chat: {chat.what}", file=sys.stderr, flush=True)
     # seeded once per session: a session replays exactly, yet two turns are not forced to agree
     torch.manual_seed(args.seed)
     history: list[Message] = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         history.append({"role": "user", "content": args.prompt})
-        reply(loaded, history, args)
+        reply(chat, history, args)
         print(flush=True)
         return 0
-    return interactive(loaded, history, args)
+    return interactive(chat, history, args)
 
 
 def _check_flags(args: argparse.Namespace) -> None:
@@ -73,7 +76,7 @@ def _check_flags(args: argparse.Namespace) -> None:
 # loading
 
 
-def load(model_path: str, adapter: str | None = None) -> Loaded:
+def load(model_path: str, adapter: str | None = None) -> ChatModel:
     """Resolve MODEL (and --adapter) to a model in eval mode on the best device, and its tokenizer."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     adapter_dir = _adapter_folder(Path(adapter).expanduser()) if adapter else None
@@ -101,7 +104,7 @@ def load(model_path: str, adapter: str | None = None) -> Loaded:
     kwargs = _run_template_kwargs(Path(model_path).expanduser())
     if kwargs:
         what += f"; chat template variables of the run: {kwargs}"
-    return Loaded(model, tokenizer, f"{what} on {device}", kwargs)
+    return ChatModel(model, tokenizer, f"{what} on {device}", kwargs)
 
 
 def _run_template_kwargs(path: Path) -> dict[str, Any]:
@@ -154,15 +157,11 @@ def _load_builtin(name: str) -> tuple[Any, Any, str]:
 
 
 def _load_hf_folder(folder: Path) -> tuple[Any, Any, str]:
-    from transformers import AutoModelForCausalLM
+    """A Hugging Face folder, in the dtype its weights were saved in; its own Python never runs."""
+    from lockstep.model.load import pretrained_model
 
-    from lockstep.model.load import quiet_bars
-
-    try:
-        with quiet_bars():
-            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False)
-    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
-        raise ModelError(f"cannot load the model in {folder}: {first_line(e)}") from None
+    failure = f"cannot load the model in {folder}"
+    model = pretrained_model(str(folder), failure, trust_remote_code=False)
     return model, _load_tokenizer(folder), str(folder)
 
 
@@ -191,7 +190,7 @@ def _adapter_base(folder: Path) -> str:
         )
     except (OSError, ValueError, AttributeError) as e:
         raise ModelError(f"{folder}/adapter_config.json is not readable JSON: {e}") from None
-    looks_local = str(base).startswith((".", "/", "~")) or str(base).count("/") > 1
+    looks_local = not hub.looks_like_id(str(base))
     if not base or (looks_local and not Path(base).expanduser().is_dir()):
         raise ModelError(
             f"adapter {folder}: its base model {base!r} (base_model_name_or_path in "
@@ -234,12 +233,9 @@ def _quiet_deprecations() -> Iterator[None]:
 
 
 def _load_tokenizer(folder: Path) -> Any:
-    from transformers import AutoTokenizer
+    from lockstep.model.load import pretrained_tokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as e:
-        raise ModelError(f"cannot load the tokenizer in {folder}: {first_line(e)}") from None
+    tok = pretrained_tokenizer(folder, False, f"cannot load the tokenizer in {folder}")
     if tok.pad_token_id is None:  # generate wants a pad id even for one sequence
         tok.pad_token = tok.eos_token
     return tok
@@ -249,7 +245,7 @@ def _load_tokenizer(folder: Path) -> Any:
 # talking
 
 
-def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> int:
+def interactive(chat: ChatModel, history: list[Message], args: argparse.Namespace) -> int:
     """Read a line, answer it; input() works the same on a terminal and on a pipe."""
     print(
         '[lockstep] /reset clears the conversation, /exit ends; several lines: end a line with \\ '
@@ -274,7 +270,7 @@ def interactive(loaded: Loaded, history: list[Message], args: argparse.Namespace
         history.append({"role": "user", "content": text})
         print(REPLY, end="", flush=True)
         try:
-            reply(loaded, history, args)
+            reply(chat, history, args)
         except KeyboardInterrupt:
             history.pop()  # a stopped reply is not part of the conversation
             print("\n(reply stopped)", flush=True)
@@ -299,13 +295,13 @@ def read_message(ask=input) -> str:
     return "\n".join([*lines, line])
 
 
-def reply(loaded: Loaded, history: list[Message], args: argparse.Namespace) -> str:
+def reply(chat: ChatModel, history: list[Message], args: argparse.Namespace) -> str:
     """Stream one assistant turn to stdout and append it to `history`."""
     from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-    model, tok = loaded.model, loaded.tokenizer
+    model, tok = chat.model, chat.tokenizer
     try:
-        kwargs = loaded.template_kwargs
+        kwargs = chat.template_kwargs
         inputs = tok.apply_chat_template(
             history, add_generation_prompt=True, return_tensors="pt", return_dict=True, **kwargs
         )

@@ -24,7 +24,13 @@ if __name__ == "__main__" and __package__ in (None, ""):
 from lockstep import config as config_mod  # noqa: E402
 from lockstep import dist, launch  # noqa: E402
 from lockstep.data.dataset import check_files  # noqa: E402
-from lockstep.errors import LaunchError, LockstepError, first_line, report  # noqa: E402
+from lockstep.errors import (  # noqa: E402
+    LaunchError,
+    LockstepError,
+    add_traceback_flag,
+    first_line,
+    report,
+)
 from lockstep.model import adapters  # noqa: E402
 from lockstep.report import log as logmod  # noqa: E402
 from lockstep.training import parallel  # noqa: E402
@@ -36,7 +42,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `lockstep train` and `python -m lockstep.train`."""
     p.add_argument("config", help="run config (YAML or JSON)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. optim.lr=1e-4")
-    p.add_argument("--traceback", action="store_true", help="show the traceback of an error")
+    add_traceback_flag(p)
     p.add_argument(
         "--debug", action="store_true",
         help="one process, same global batch, deterministic, stop at the first non-finite "
@@ -93,13 +99,27 @@ def _check_debugger() -> None:
         )
 
 
-def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
-    """Train in this process (one rank of the world torchrun made, or a world of one)."""
-    from lockstep.training.evaluate import eval_data
+def load_checked(args: argparse.Namespace) -> config_mod.RunConfig:
+    """The run config `args` names (file and overrides), validated, its data files checked:
+    what a process checks first, once (`lockstep train` passes the result on to `run`)."""
+    from lockstep.training.evaluate import check_eval_files
 
     cfg = config_mod.load(args.config, args.overrides)
     check_files(cfg.data)
-    eval_data(cfg)  # a missing data.eval file, named as such, before anything starts
+    check_eval_files(cfg)
+    return cfg
+
+
+def run(
+    args: argparse.Namespace, cfg: config_mod.RunConfig | None = None, via_lockstep: bool = False
+) -> int:
+    """Train in this process (one rank of the world torchrun made, or a world of one).
+
+    `cfg`: the config as load_checked gave it to `lockstep train` in this process; None (a
+    torchrun rank, `python -m lockstep.train`): read and checked here, before any work.
+    """
+    if cfg is None:
+        cfg = load_checked(args)
     adapters.check_supported(cfg.finetune)
     parallel.check_supported(cfg)
     opts = options(args)
@@ -117,7 +137,7 @@ def run(args: argparse.Namespace, via_lockstep: bool = False) -> int:
         if opts.debug:
             _enter_debug_mode(cfg, opts)
         else:
-            config_mod.check(cfg, d.world_size)
+            config_mod.check_world(cfg, d.world_size)
         if opts.debug_rank is not None and opts.debug_rank == d.rank:
             _wait_for_debugger(d.rank)
         from lockstep.training import rundir
@@ -151,7 +171,7 @@ def _enter_debug_mode(cfg: config_mod.RunConfig, opts: RunOptions) -> None:
     import torch
 
     world = opts.as_rank[1] if opts.as_rank else 1
-    config_mod.check(cfg, world)
+    config_mod.check_world(cfg, world)
     torch.use_deterministic_algorithms(True)
     g, m = cfg.batch.global_size, cfg.batch.micro_size
     planned = cfg.launch.nproc_per_node

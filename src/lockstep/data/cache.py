@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from lockstep.config import DataConfig
-from lockstep.data.dataset import Samples
-from lockstep.errors import first_line
+from lockstep.data.dataset import BuildStats, Samples
+from lockstep.errors import first_line, reason
 
 
 def cache_file(cfg: DataConfig, fp: str) -> Path:
@@ -35,7 +35,7 @@ def save(path: Path, samples: Samples) -> None:
         "lengths": np.array([len(x) for x in samples.input_ids], dtype=np.int64),
         "input_ids": np.concatenate(samples.input_ids).astype(np.int32),
         "labels": np.concatenate(samples.labels).astype(np.int32),
-        "stats": np.array(json.dumps(samples.stats)),
+        "stats": np.array(json.dumps(samples.stats.to_json())),
     }
     if samples.position_ids is not None:
         arrays["position_ids"] = np.concatenate(samples.position_ids).astype(np.int32)
@@ -49,16 +49,16 @@ def load(path: Path, fp: str) -> Samples:
     """The samples of a cache entry; ValueError naming what is wrong with a damaged one."""
     with np.load(path) as z:
         lengths = z["lengths"]
-        stats = json.loads(str(z["stats"]))
+        stats = BuildStats.from_json(json.loads(str(z["stats"])))
         arrays = {name: z[name] for name in ("input_ids", "labels", "position_ids") if name in z}
-    _check_entry(lengths, arrays, stats)
+    _check_entry(lengths, arrays)
     cuts = np.cumsum(lengths)[:-1]
     split = {name: [a.astype(np.int64) for a in np.split(v, cuts)] for name, v in arrays.items()}
     positions = split.get("position_ids")
     return Samples(split["input_ids"], split["labels"], fp, stats, positions)
 
 
-def _check_entry(lengths: np.ndarray, arrays: dict[str, np.ndarray], stats: Any) -> None:
+def _check_entry(lengths: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
     """A cache entry whose arrays do not fit together is damaged, not samples to train on."""
     if lengths.ndim != 1 or len(lengths) == 0 or lengths.dtype.kind not in "iu":
         raise ValueError("no sample lengths")
@@ -70,8 +70,6 @@ def _check_entry(lengths: np.ndarray, arrays: dict[str, np.ndarray], stats: Any)
             raise ValueError(f"{name} does not hold the {total} tokens of the lengths")
     if "labels" not in arrays or "input_ids" not in arrays:
         raise ValueError("input_ids or labels missing")
-    if not isinstance(stats, dict):
-        raise ValueError("stats are not a mapping")
 
 
 def load_or_build(
@@ -105,5 +103,5 @@ def load_or_build(
     try:
         save(path, samples)
     except OSError as e:
-        return samples, f"{damaged}tokenised (could not write the cache {path}: {e.strerror or e})"
+        return samples, f"{damaged}tokenised (could not write the cache {path}: {reason(e)})"
     return samples, f"{damaged}tokenised, cached in {path}"

@@ -3,15 +3,24 @@
 A record becomes one sample, or several: a conversation whose template rewrites earlier turns
 is split by data.multi_turn=auto (data/render.py), a text document longer than max_length is
 cut into consecutive chunks that overlap by one token, so every token of it is trained exactly
-once. What the build did beyond one-record-one-sample is counted in `stats["notes"]` and said in
+once. What the build did beyond one-record-one-sample is counted in `stats.notes` and said in
 the start-up log and `lockstep data preview` (`describe`), as are the fields nothing read.
+
+Records are tokenised in data.num_proc forked processes when it is above 1: each inherits the
+renderer (tokenizer included) at the fork; only records and their encodings cross between
+processes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing
+import pickle
+import queue
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +31,7 @@ from tqdm import tqdm
 from lockstep.config import DataConfig, DatasetConfig
 from lockstep.data import formats, sources, templates
 from lockstep.data.render import IGNORE, Options, Renderer
-from lockstep.errors import ConfigError, DataError, DatasetError
+from lockstep.errors import ConfigError, DataError, DatasetError, first_line
 
 DATA_VERSION = 3  # bump when tokenisation or masking changes
 
@@ -67,44 +76,91 @@ WARNINGS = {"prompt_tail", "eos_appended", "no_end_marker", "system_dropped", "m
 
 
 @dataclass
+class BuildStats:
+    """What building the samples did, counted over the whole build.
+
+    A subset of the samples (a held-out split) keeps these: what was read stays what was read.
+    Counts of the samples themselves (samples, tokens, trained tokens) are Samples' methods,
+    computed from the samples held, so they never go stale. Cached with the samples as JSON.
+    """
+
+    records: int = 0  # records read and used (bad ones skipped are not counted)
+    truncated: int = 0  # samples cut to data.max_length (data.overlong=truncate)
+    dropped: int = 0  # samples left out for being longer than data.max_length (overlong=drop)
+    skipped: int = 0  # bad records skipped (data.on_bad_record=skip)
+    first_skipped: list[str] = field(default_factory=list)  # the first three, in words
+    # NOTES kind -> {"count", "first" (where the first record is), "detail"}
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # dataset index (as a string) -> field nothing read -> number of records that have it
+    unused: dict[str, dict[str, int]] = field(default_factory=dict)
+    packing_efficiency: float | None = None  # packed: real tokens / (rows x data.max_length)
+    held_out: int = 0  # samples of the build held out for validation (data.val_fraction)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> BuildStats:
+        """The stats a cache entry stored; ValueError if they are not a mapping. Keys an
+        earlier lockstep also stored (its sample counts: samples, tokens, ...) are left out:
+        the samples give those."""
+        if not isinstance(data, dict):
+            raise ValueError("stats are not a mapping")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
 class Samples:
     input_ids: list[np.ndarray]
     labels: list[np.ndarray]
     fingerprint: str
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: BuildStats = field(default_factory=BuildStats)
     position_ids: list[np.ndarray] | None = None  # packed: positions restart at each sample
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def packed(self) -> bool:
+        """Each row holds several samples (data.packing)."""
+        return self.position_ids is not None
+
     def without_last(self) -> Samples:
         """A copy lacking the last sample, with the fingerprint that content has (testing)."""
         fp = hashlib.sha256(f"{self.fingerprint}|without-last".encode()).hexdigest()[:16]
         positions = self.position_ids[:-1] if self.position_ids is not None else None
-        return Samples(self.input_ids[:-1], self.labels[:-1], fp, dict(self.stats), positions)
+        stats = dataclasses.replace(self.stats)
+        return Samples(self.input_ids[:-1], self.labels[:-1], fp, stats, positions)
 
     def subset(self, indices: list[int]) -> Samples:
-        """Some of the samples (a held-out split), with stats counting only them.
+        """Some of the samples (a held-out split); the counts of the build stay all the data's.
 
         The fingerprint stays the data's (the one its cache file is named by): which samples a
         split takes follows from the data, the seed and the split's settings, all checked.
-        Counts of the build (records, truncated, skipped, notes) stay those of all the data.
+        The stats are a copy: setting the subset's `held_out` leaves the whole data's alone.
         """
         pos = [self.position_ids[i] for i in indices] if self.position_ids is not None else None
         ids, labels = [self.input_ids[i] for i in indices], [self.labels[i] for i in indices]
-        stats = dict(
-            self.stats,
-            samples=len(indices),
-            tokens=sum(len(x) for x in ids),
-            target_tokens=sum(int((lab != IGNORE).sum()) for lab in labels),
-            max_len=max((len(x) for x in ids), default=0),
-        )
-        if pos is not None:  # packed: each row holds several samples, each starting at 0
-            stats.update(samples=sum(int((p == 0).sum()) for p in pos), packs=len(indices))
-        return Samples(ids, labels, self.fingerprint, stats, pos)
+        return Samples(ids, labels, self.fingerprint, dataclasses.replace(self.stats), pos)
 
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
+
+    def token_count(self) -> int:
+        """Tokens in the rows held (padding aside: rows are not padded here)."""
+        return int(self.lengths().sum())
+
+    def target_token_count(self) -> int:
+        """Labels that are not IGNORE in the rows held: the trained tokens, as the start-up log
+        and `lockstep data preview` count them."""
+        return sum(int(np.count_nonzero(lab != IGNORE)) for lab in self.labels)
+
+    def sample_count(self) -> int:
+        """Samples held: the rows, or, packed, the samples in them (each starts at position 0)."""
+        if self.position_ids is None:
+            return len(self)
+        return sum(int(np.count_nonzero(p == 0)) for p in self.position_ids)
 
     def target_tokens(self, i: int) -> int:
         """Tokens that carry loss for sample i (labels are aligned with inputs, shifted later)."""
@@ -198,20 +254,94 @@ def read_records(cfg: DataConfig) -> list[tuple[int, sources.Record]]:
     return out
 
 
-_WORKER: dict[str, Any] = {}  # the renderer and config of a forked tokenising process
+Batch = list[tuple[int, sources.Record]]  # (dataset index, record), in order
 
 
-def _encode_chunk(chunk: list[tuple[int, sources.Record]]) -> list[Encoded | str]:
-    renderer, cfg = _WORKER["renderer"], _WORKER["cfg"]
-    out: list[Encoded | str] = []
-    for k, rec in chunk:
+@dataclass
+class _Encoder:
+    """Encodes batches of records with one renderer: in this process, or in forked workers that
+    inherit it (`serve`)."""
+
+    renderer: Renderer
+    cfg: DataConfig
+
+    def batch(self, chunk: Batch) -> list[Encoded | str]:
+        """Each record's encoding, or the message of its DataError (on_bad_record decides)."""
+        out: list[Encoded | str] = []
+        for k, rec in chunk:
+            try:
+                out.append(encode(self.renderer, rec, self.cfg.train[k], self.cfg))
+            except DatasetError:
+                raise  # a dataset-wide problem: skipping records would hide it
+            except DataError as e:
+                out.append(str(e))
+        return out
+
+    def serve(self, tasks: Any, results: Any) -> None:
+        """A worker's loop: (index, batch) from `tasks` until None; (index, encodings, None)
+        or (index, None, the error) to `results`."""
+        for i, chunk in iter(tasks.get, None):
+            try:
+                results.put((i, self.batch(chunk), None))
+            except Exception as e:
+                results.put((i, None, _picklable(e)))
+
+
+def _picklable(e: Exception) -> Exception:
+    """`e` itself when it can be sent to the parent process, else a RuntimeError saying it."""
+    try:
+        pickle.dumps(e)
+        return e
+    except Exception:
+        return RuntimeError(f"{type(e).__name__}: {first_line(e)}")
+
+
+def _encode_in_processes(encoder: _Encoder, batches: list[Batch], n: int) -> Iterator[list]:
+    """The encodings of `batches`, in order, from `n` forked workers; a batch's error is raised
+    here in its turn, and a worker that dies (killed for memory) is a DataError."""
+    ctx = multiprocessing.get_context("fork")  # workers inherit the encoder: nothing to pickle
+    tasks, results = ctx.Queue(), ctx.Queue()
+    workers = [ctx.Process(target=encoder.serve, args=(tasks, results), daemon=True)
+               for _ in range(n)]  # fmt: skip
+    for w in workers:
+        w.start()
+    try:
+        for item in enumerate(batches):
+            tasks.put(item)
+        for _ in workers:
+            tasks.put(None)
+        done: dict[int, tuple[list | None, Exception | None]] = {}
+        for i in range(len(batches)):
+            while i not in done:
+                j, part, error = _next_result(results, workers)
+                done[j] = part, error
+            part, error = done.pop(i)
+            if error is not None:
+                raise error
+            yield part
+    finally:
+        tasks.cancel_join_thread()  # batches no worker took (an error ended the work): dropped
+        for w in workers:
+            if w.is_alive():
+                w.terminate()
+            w.join()
+
+
+def _next_result(results: Any, workers: list) -> tuple[int, list | None, Exception | None]:
+    """The next (index, encodings, error) a worker sent; a DataError once a worker has died
+    (or all have ended) with nothing more to read."""
+    while True:
         try:
-            out.append(encode(renderer, rec, cfg.train[k], cfg))
-        except DatasetError:
-            raise  # a dataset-wide problem: skipping records would hide it
-        except DataError as e:
-            out.append(str(e))
-    return out
+            return results.get(timeout=1.0)
+        except queue.Empty:
+            codes = [w.exitcode for w in workers]
+            dead = [c for c in codes if c not in (None, 0)]
+            if dead or None not in codes:
+                raise DataError(
+                    f"a tokenising process (data.num_proc) ended with exit code {(dead or codes)[0]}"
+                    " before its work was done (killed for lack of memory?): lower data.num_proc,"
+                    " or set it to 1"
+                ) from None
 
 
 def encode_all(
@@ -219,31 +349,25 @@ def encode_all(
 ) -> tuple[list[tuple[int, sources.Record]], list[Encoded | str]]:
     """Every record and its encoding (or its error message), in order; data.num_proc processes."""
     records = read_records(cfg)
-    _WORKER.update(renderer=Renderer(tokenizer, Options.of(cfg)), cfg=cfg)
+    encoder = _Encoder(Renderer(tokenizer, Options.of(cfg)), cfg)
     size = max(1, min(2000, len(records) // (cfg.num_proc * 4) or 1))
     batches = [records[i : i + size] for i in range(0, len(records), size)]
     bar = tqdm(total=len(records), desc="tokenise", unit="rec", disable=len(records) < 20_000,
                mininterval=1.0)  # fmt: skip
     results: list[Encoded | str] = []
-    try:
-        if cfg.num_proc > 1 and len(batches) > 1:
-            ctx = multiprocessing.get_context("fork")  # workers inherit the tokenizer
-            with ctx.Pool(cfg.num_proc) as pool:
-                for part in pool.imap(_encode_chunk, batches):
-                    results.extend(part)
-                    bar.update(len(part))
-        else:
-            for batch in batches:
-                results.extend(_encode_chunk(batch))
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        _WORKER.clear()
+    if cfg.num_proc > 1 and len(batches) > 1:
+        parts = _encode_in_processes(encoder, batches, cfg.num_proc)
+    else:
+        parts = (encoder.batch(batch) for batch in batches)
+    with contextlib.closing(parts), bar:  # closing: the workers end with an error, too
+        for part in parts:
+            results.extend(part)
+            bar.update(len(part))
     return records, results
 
 
 class _Tally:
-    """Counts what a build did, for `stats` (plain JSON: it is cached with the samples)."""
+    """Counts what a build did, for its BuildStats (plain JSON: cached with the samples)."""
 
     def __init__(self) -> None:
         self.notes: dict[str, dict[str, Any]] = {}
@@ -260,8 +384,8 @@ class _Tally:
 
 
 def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
-    """Tokenise every record; apply the bad-record, overlong and packing policies."""
-    check_files(cfg)
+    """Tokenise every record; apply the bad-record, overlong and packing policies. The caller
+    checked the data section first (check_files: missing files, text files given a chat format)."""
     fp = fp or fingerprint(cfg, tokenizer)
     ids_list: list[np.ndarray] = []
     labels_list: list[np.ndarray] = []
@@ -306,20 +430,15 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
             f"data.train holds no usable records{' (' + ', '.join(why) + ')' if why else ''}: "
             f"{files}"
         )
-    lengths = np.array([len(x) for x in ids_list])
-    stats = {
-        "records": len(records) - len(bad),
-        "samples": len(ids_list),
-        "tokens": int(lengths.sum()),
-        "target_tokens": int(sum(int((lab != IGNORE).sum()) for lab in labels_list)),
-        "truncated": truncated,
-        "dropped": dropped,
-        "skipped": len(bad),
-        "first_skipped": bad[:3],
-        "max_len": int(lengths.max()),
-        "notes": tally.notes,
-        "unused": tally.unused,
-    }
+    stats = BuildStats(
+        records=len(records) - len(bad),
+        truncated=truncated,
+        dropped=dropped,
+        skipped=len(bad),
+        first_skipped=bad[:3],
+        notes=tally.notes,
+        unused=tally.unused,
+    )
     samples = Samples(ids_list, labels_list, fp, stats)
     if cfg.packing:
         from lockstep.data.packing import pack
@@ -328,15 +447,15 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
     return samples
 
 
-def describe(stats: dict[str, Any], cfg: DataConfig) -> list[tuple[bool, str]]:
+def describe(stats: BuildStats, cfg: DataConfig) -> list[tuple[bool, str]]:
     """(is a warning, line) for each note of a build and each dataset's unread fields."""
     lines = []
-    for kind, n in stats.get("notes", {}).items():
+    for kind, n in stats.notes.items():
         text = NOTES[kind].format(multi_turn=cfg.multi_turn, template=cfg.template)
         where = "; first: " + n["first"] if n["first"] else ""
         detail = f" ({n['detail']})" if n["detail"] else ""
         lines.append((kind in WARNINGS, f"{n['count']} {text}{where}{detail}"))
-    for k, counts in stats.get("unused", {}).items():
+    for k, counts in stats.unused.items():
         if counts:
             path = cfg.train[int(k)].path if int(k) < len(cfg.train) else f"dataset {k}"
             listed = ", ".join(f"{name} ({n} records)" for name, n in sorted(counts.items()))

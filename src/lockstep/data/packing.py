@@ -15,6 +15,7 @@ shuffles packs like any samples.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 
 import numpy as np
 
@@ -51,9 +52,6 @@ def pack(samples: Samples, max_length: int) -> Samples:
         labels.append(np.concatenate(labs))
         positions.append(np.concatenate([np.arange(len(samples.input_ids[i])) for i in group]))
     tokens = sum(len(x) for x in ids)
-    stats = {
-        **samples.stats,
-        "packs": len(groups),
-        "packing_efficiency": round(tokens / (len(groups) * max_length), 4),
-    }
+    efficiency = round(tokens / (len(groups) * max_length), 4)
+    stats = dataclasses.replace(samples.stats, packing_efficiency=efficiency)
     return Samples(ids, labels, samples.fingerprint, stats, positions)

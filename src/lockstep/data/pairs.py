@@ -133,12 +133,11 @@ def _cut(row: Row, length: int) -> Row:
 def build_pairs(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
     """Every pair of data.train as two rows (2i: prompt + chosen, 2i+1: prompt + rejected).
 
-    stats (plain JSON, cached with the samples): records, pairs, samples (rows), tokens,
-    target_tokens, truncated and dropped (rows), skipped and first_skipped (bad records),
-    max_len, notes and unused (as dataset.build's: dataset.describe reads them).
+    stats (dataset.BuildStats, cached with the samples): records, truncated and dropped
+    (rows), skipped and first_skipped (bad records), notes and unused (dataset.describe reads
+    them); the pairs are len(samples) // 2.
     """
     check(cfg)
-    dataset.check_files(cfg)
     fp = fp or fingerprint(cfg, tokenizer)
     render = renderer(cfg, tokenizer)
     rows: list[Row] = []
@@ -177,18 +176,8 @@ def build_pairs(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Sampl
         )
     ids = [np.asarray(i, dtype=np.int64) for i, _ in rows]
     labels = [np.asarray(lab, dtype=np.int64) for _, lab in rows]
-    stats = {
-        "records": len(records) - len(bad),
-        "pairs": len(rows) // 2,
-        "samples": len(rows),
-        "tokens": int(sum(len(x) for x in ids)),
-        "target_tokens": int(sum(int((lab != IGNORE).sum()) for lab in labels)),
-        "truncated": truncated,
-        "dropped": dropped,
-        "skipped": len(bad),
-        "first_skipped": bad[:3],
-        "max_len": int(max(len(x) for x in ids)),
-        "notes": tally.notes,
-        "unused": tally.unused,
-    }
+    stats = dataset.BuildStats(
+        records=len(records) - len(bad), truncated=truncated, dropped=dropped,
+        skipped=len(bad), first_skipped=bad[:3], notes=tally.notes, unused=tally.unused,
+    )  # fmt: skip
     return Samples(ids, labels, fp, stats)

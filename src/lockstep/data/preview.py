@@ -37,20 +37,21 @@ def report(tokenizer: Any, samples: Samples, n: int, colour: bool, cfg: DataConf
         body = marked(tokenizer, samples.input_ids[i], samples.labels[i], colour)
         parts.append(f"--- sample {i} ({len(samples.input_ids[i])} tokens)\n{body}")
     st = samples.stats
-    lengths = np.array([len(x) for x in samples.input_ids])
+    tokens, trained = samples.token_count(), samples.target_token_count()
+    lengths = samples.lengths()
     p50, p90, p99 = (int(np.percentile(lengths, q)) for q in (50, 90, 99))
     parts.append(
         "--- statistics\n"
-        f"records:        {st.get('records', st['samples'])}\n"
-        f"samples:        {st['samples']}\n"
-        f"tokens:         {st['tokens']}\n"
-        f"trained tokens: {st['target_tokens']} ({st['target_tokens'] / max(st['tokens'], 1):.1%})\n"
+        f"records:        {st.records}\n"
+        f"samples:        {samples.sample_count()}\n"
+        f"tokens:         {tokens}\n"
+        f"trained tokens: {trained} ({trained / max(tokens, 1):.1%})\n"
         f"length:         min {lengths.min()}, p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()}\n"
-        f"too long:       {st['truncated']} truncated, {st['dropped']} dropped\n"
-        f"bad records:    {st['skipped']} skipped\n"
+        f"too long:       {st.truncated} truncated, {st.dropped} dropped\n"
+        f"bad records:    {st.skipped} skipped\n"
         + (
-            f"packing:        {st['packs']} sequences, {st['packing_efficiency']:.1%} real tokens\n"
-            if "packs" in st
+            f"packing:        {len(samples)} sequences, {st.packing_efficiency:.1%} real tokens\n"
+            if samples.packed
             else ""
         )
         + f"fingerprint:    {samples.fingerprint}"

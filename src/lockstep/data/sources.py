@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lockstep.errors import DataError, first_line
+from lockstep import hub
+from lockstep.errors import DataError, first_line, reason
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 BUILTIN_PREFIX = "builtin:"
@@ -79,12 +80,7 @@ def is_saved_dataset(path: str) -> bool:
 def is_hub_name(path: str) -> bool:
     """A name like `org/dataset` that is not a local path is read with `datasets`."""
     p = Path(path)
-    return (
-        not p.exists()
-        and not path.startswith((".", "/", "~"))
-        and path.count("/") <= 1
-        and p.suffix.lower() not in SUFFIXES
-    )
+    return not p.exists() and hub.looks_like_id(path) and p.suffix.lower() not in SUFFIXES
 
 
 def read(path: str, split: str = "train") -> Iterator[Record]:
@@ -111,7 +107,7 @@ def content_hash(path: str, split: str = "train") -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
         except OSError as e:
-            raise DataError(f"{f}: cannot read it: {e.strerror or first_line(e)}") from None
+            raise DataError(f"{f}: cannot read it: {reason(e)}") from None
     if not files and not (is_saved_dataset(path) or is_hub_name(path)):
         raise DataError(f"data file {path!r} not found (looked in {Path(path).resolve()})")
     if not files:
@@ -128,7 +124,7 @@ def _read_file(p: Path) -> Iterator[Record]:
     except UnicodeDecodeError as e:
         raise DataError(f"{p}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     except OSError as e:
-        raise DataError(f"{p}: cannot read it: {e.strerror or first_line(e)}") from None
+        raise DataError(f"{p}: cannot read it: {reason(e)}") from None
     except RecursionError:
         raise DataError(f"{p}: JSON nested too deeply to read") from None
     except Exception as e:  # pyarrow's errors for a damaged Parquet file, and the like

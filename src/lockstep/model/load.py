@@ -41,7 +41,7 @@ def resolve(path: str) -> tuple[str, bool]:
                 "written by save_pretrained"
             )
         return str(p), False
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+    if not hub.looks_like_id(path):
         raise ModelError(f"model.path: folder {str(p)!r} not found (looked in {p.resolve()})")
     problem = hub.offline_problem(path, "model", "config.json")
     if problem:
@@ -69,15 +69,9 @@ def load_config(cfg: ModelConfig) -> Any:
 def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> Any:
     """The model's tokenizer; `chat_template` (data/templates.configured) replaces its template,
     so the run's template is the one that renders the data and is saved with the model."""
-    from transformers import AutoTokenizer
-
     where, _ = resolve(cfg.path)
-    try:
-        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
-        raise ModelError(
-            f"model.path {cfg.path!r}: cannot load the tokenizer: {first_line(e)}"
-        ) from None
+    failure = f"model.path {cfg.path!r}: cannot load the tokenizer"
+    tok = pretrained_tokenizer(where, cfg.trust_remote_code, failure)
     if chat_template is not None:
         tok.chat_template = chat_template
     if tok.pad_token_id is None:
@@ -114,27 +108,43 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
             bnb_4bit_quant_type="nf4",
         )
         common["device_map"] = {"": torch.cuda.current_device()}
+    failure = f"model.path {cfg.path!r}: cannot load the model"
+    if not fresh:
+        return pretrained_model(where, failure, dtype=dtype, attn_implementation=attn, **common)
     try:
-        if fresh:
-            mcfg = AutoConfig.from_pretrained(where, **common)
-            # a private generator stream: initialisation must not consume or depend on global RNG
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(init_seed)
-                model = AutoModelForCausalLM.from_config(
-                    mcfg, dtype=dtype, attn_implementation=attn, **common
-                )
-        else:
-            with quiet_bars(Path(where).is_dir()):  # a hub id may download: its bars stay
-                model = AutoModelForCausalLM.from_pretrained(
-                    where, dtype=dtype, attn_implementation=attn, **common
-                )
-    except ModelError:
-        raise
+        mcfg = AutoConfig.from_pretrained(where, **common)
+        # a private generator stream: initialisation must not consume or depend on global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return AutoModelForCausalLM.from_config(
+                mcfg, dtype=dtype, attn_implementation=attn, **common
+            )
     except Exception as e:
-        raise ModelError(
-            f"model.path {cfg.path!r}: cannot load the model: {first_line(e)}"
-        ) from None
-    return model
+        raise ModelError(f"{failure}: {first_line(e)}") from None
+
+
+def pretrained_model(where: str, failure: str, **kwargs: Any) -> torch.nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(where, **kwargs)`: the weights saved in a folder,
+    or a hub id's. Loading bars are held back for a local folder (a hub id may download: its
+    bars stay). Any failure is one ModelError, `failure: <the first line of the cause>`."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_bars(Path(where).is_dir()):
+            return AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
+        raise ModelError(f"{failure}: {first_line(e)}") from None
+
+
+def pretrained_tokenizer(where: str | Path, trust_remote_code: bool, failure: str) -> Any:
+    """`AutoTokenizer.from_pretrained(where)`, as it was saved (its pad token is the caller's
+    to choose). Any failure is one ModelError, `failure: <the first line of the cause>`."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises OSError/ValueError/HF errors alike
+        raise ModelError(f"{failure}: {first_line(e)}") from None
 
 
 def weights_dtype(cfg: ModelConfig) -> torch.dtype:

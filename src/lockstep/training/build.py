@@ -185,7 +185,7 @@ def already_complete(loaded: checkpoint.Loaded, steps: int, out: Path, d: Dist) 
 def choose_layout(cfg: RunConfig, d: Dist, samples: Samples) -> Layout:
     """Padding-free rows or not, and the attention kernel, for this model, device and data."""
     support = attention.model_support(cfg.model)
-    mean_length = samples.stats["tokens"] / max(len(samples), 1)
+    mean_length = samples.token_count() / max(len(samples), 1)
     # answer pairs train in padded rows (their log-probabilities are summed per row)
     pairs = cfg.finetune.stage == "preference"
     free = not pairs and attention.padding_free(cfg, d.device, mean_length, support)
@@ -296,27 +296,27 @@ def log_plan(
     log = logmod.get()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     st = samples.stats
-    held = st.get("held_out")
+    held = st.held_out
     held = f" ({held} more held out: data.val_fraction={cfg.data.val_fraction})" if held else ""
     log.info(
-        f"data: {st['samples']} samples{held} from {st.get('records', st['samples'])} records, "
-        f"{st['tokens']} tokens ({st['target_tokens']} trained); "
-        f"longer than {cfg.data.max_length}: {st['truncated']} truncated, {st['dropped']} "
+        f"data: {samples.sample_count()} samples{held} from {st.records} records, "
+        f"{samples.token_count()} tokens ({samples.target_token_count()} trained); "
+        f"longer than {cfg.data.max_length}: {st.truncated} truncated, {st.dropped} "
         f"dropped; fingerprint {samples.fingerprint}"
     )
-    if "packs" in st:
+    if samples.packed:
         log.info(
-            f"packing: {st['samples']} samples into {st['packs']} sequences of "
-            f"{cfg.data.max_length} tokens, {st['packing_efficiency']:.1%} of them real tokens"
+            f"packing: {samples.sample_count()} samples into {len(samples)} sequences of "
+            f"{cfg.data.max_length} tokens, {st.packing_efficiency:.1%} of them real tokens"
         )
-    if st["skipped"]:
-        first = "\n  ".join(st["first_skipped"])
+    if st.skipped:
+        first = "\n  ".join(st.first_skipped)
         log.warning(
-            f"skipped {st['skipped']} bad records (data.on_bad_record=skip); first:\n  {first}"
+            f"skipped {st.skipped} bad records (data.on_bad_record=skip); first:\n  {first}"
         )
     for warn, line in describe(st, cfg.data):
         (log.warning if warn else log.info)(f"data: {line}")
-    unit = "packed sequences" if "packs" in st else "samples"
+    unit = "packed sequences" if samples.packed else "samples"
     if cfg.finetune.stage == "preference":
         unit = f"answer pairs ({cfg.preference.loss}, reference: {reference_note(cfg)})"
     log.info(

@@ -46,7 +46,7 @@ from lockstep import config as config_mod
 from lockstep.config import RunConfig
 from lockstep.data.order import Order
 from lockstep.dist import Dist, main_first
-from lockstep.errors import CheckpointError, first_line
+from lockstep.errors import CheckpointError, first_line, reason
 from lockstep.report import log as logmod
 from lockstep.training import sharded
 
@@ -312,7 +312,7 @@ def why_not_written(e: BaseException, folder: Path, free: int | None = None) -> 
         return "file too large (a file-size limit: see ulimit -f)"
     if code == errno.EDQUOT:
         return "disk quota exceeded"
-    text = getattr(e, "strerror", None) or first_line(e)
+    text = reason(e)
     if "enforce fail" in text or "unexpected pos" in text:
         return "a file could not be written completely (disk full, a quota, or a file-size limit?)"
     return text

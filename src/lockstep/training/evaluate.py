@@ -41,18 +41,23 @@ def split_validation(samples: Samples, fraction: float, seed: int) -> tuple[Samp
     held = set(val)
     train = [i for i in range(n) if i not in held]
     part, held_out = samples.subset(train), samples.subset(val)
-    part.stats["held_out"] = held_out.stats["samples"]  # said in the start-up log's data line
+    part.stats.held_out = held_out.sample_count()  # said in the start-up log's data line
     return part, held_out
 
 
 def eval_data(cfg) -> DataConfig | None:
     """The data section that reads data.eval's datasets as its own (None without data.eval),
-    every other data setting as the training data's. A missing file is named as data.eval.N."""
+    every other data setting as the training data's."""
     if not cfg.data.eval:
         return None
-    data = cfg.data.model_copy(update={"train": cfg.data.eval})
-    check_files(data, "data.eval")
-    return data
+    return cfg.data.model_copy(update={"train": cfg.data.eval})
+
+
+def check_eval_files(cfg) -> None:
+    """A missing data.eval file, named as data.eval.N (checked once per process, at start)."""
+    data = eval_data(cfg)
+    if data is not None:
+        check_files(data, "data.eval")
 
 
 def eval_split(

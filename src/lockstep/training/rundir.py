@@ -22,7 +22,7 @@ from pathlib import Path
 import torch.distributed as tdist
 
 from lockstep.dist import Dist
-from lockstep.errors import CheckpointError
+from lockstep.errors import CheckpointError, reason
 
 LOCK_FILE = ".lockstep.lock"
 
@@ -44,7 +44,7 @@ def acquire(out: Path) -> int:
         out.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        raise CheckpointError(f"output_dir: cannot create {path}: {e.strerror or e}") from None
+        raise CheckpointError(f"output_dir: cannot create {path}: {reason(e)}") from None
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lockstep.errors import CheckpointError, first_line
+from lockstep.errors import CheckpointError, first_line, reason
 
 FOLDER = "sharded"
 
@@ -170,7 +170,7 @@ def read_metadata(path: Path) -> Any:
         with meta.open("rb") as f:
             return _MetadataUnpickler(f).load()
     except OSError as e:
-        raise CheckpointError(f"cannot read {meta}: {e.strerror or e}") from None
+        raise CheckpointError(f"cannot read {meta}: {reason(e)}") from None
     except Exception as e:  # UnpicklingError, EOFError, and what a damaged pickle raises
         raise CheckpointError(
             f"refusing sharded checkpoint {path}: {meta} is not plain DCP metadata "
