@@ -34,8 +34,9 @@ eval samples that coincide exactly with a train sample are re-drawn, so the two
 splits are disjoint.
 
 The preference demo's pairs (demo_pairs.jsonl, demo_pairs_eval.jsonl) put the right answer
-(chosen) beside a plausible wrong one (rejected: not uppercased, not reversed, sorted backwards,
-repeated twice, the first word, one too many), in alpaca's pairwise layout.
+(chosen) beside a near miss (rejected: the last word not uppercased, the last two words of a
+reversal or a sort swapped, repeated twice, the word before the last, one too many), in
+alpaca's pairwise layout.
 
 Usage::
 
@@ -84,13 +85,19 @@ TASKS: dict[str, Callable[[list[str]], str]] = {
     "Count the words.": lambda ws: str(len(ws)),
 }
 
-# Plausible wrong answers, for the preference pairs: what a model that half-learnt the task says
+
+# Plausible wrong answers, for the preference pairs: the near misses of a model that has half
+# learnt the task (one word left as it was, one neighbour pair swapped, off by one)
+def _swap_last_two(ws: list[str]) -> list[str]:
+    return [*ws[:-2], ws[-1], ws[-2]] if len(ws) >= 2 else ws
+
+
 WRONG: dict[str, Callable[[list[str]], str]] = {
-    "Uppercase the words.": lambda ws: " ".join(ws),  # not uppercased
-    "Reverse the order of the words.": lambda ws: " ".join(ws),  # not reversed
-    "Sort the words alphabetically.": lambda ws: " ".join(sorted(ws, reverse=True)),
+    "Uppercase the words.": lambda ws: " ".join([w.upper() for w in ws[:-1]] + ws[-1:]),
+    "Reverse the order of the words.": lambda ws: " ".join(_swap_last_two(ws[::-1])),
+    "Sort the words alphabetically.": lambda ws: " ".join(_swap_last_two(sorted(ws))),
     "Repeat the first word three times.": lambda ws: " ".join([ws[0]] * 2),  # twice
-    "Return the last word.": lambda ws: ws[0],  # the first word
+    "Return the last word.": lambda ws: ws[-2],  # the word before it
     "Count the words.": lambda ws: str(len(ws) + 1),  # one too many
 }
 

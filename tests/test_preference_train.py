@@ -18,6 +18,7 @@ FULL = {"stage": "preference", "method": "full"}
 
 
 def pair_config(tmp_path, finetune=None, **sections):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return small_config(tmp_path, finetune=finetune or LORA, data=PAIRS, **sections)
 
 
@@ -125,6 +126,13 @@ def test_eval_pairs_are_scored_before_and_after_and_the_result_exports(tmp_path)
     assert [r["step"] for r in evals] == [0, 2]
     assert evals[0]["eval_loss"] == pytest.approx(0.693147, abs=1e-5)
     assert evals[0]["eval_units"] == 120 and 0 <= evals[1]["eval_prefers_chosen"] <= 1
+    before, after = evals[0]["eval_prefers_chosen"], evals[1]["eval_prefers_chosen"]
+    assert f"finds likelier: {before:.1%} before training, {after:.1%} after 2 steps" in res.stderr
     res = run_cli("export", str(tmp_path / "out"), "--out", str(tmp_path / "hf"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "hf" / "config.json").is_file()
+    res = run_cli("chat", str(tmp_path / "out"), "--prompt", "Count the words.\ncat dog",
+                  "--temperature", "0", "--max-new-tokens", "4")  # fmt: skip
+    assert res.returncode == 0 and res.stdout.strip(), res.stderr
+    res = run_cli("eval", str(cfg))  # scores SFT runs; a preference run scored its pairs above
+    assert res.returncode == 1 and "scores its eval pairs while it trains" in res.stderr

@@ -201,6 +201,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from lockstep.training.evaluate import check_eval_files, eval_split, evaluate
 
     cfg = config.load(configs.resolve(args.config), args.overrides)
+    if cfg.finetune.stage == "preference":
+        raise config.ConfigError(
+            "lockstep eval scores supervised runs; a preference run scores its eval pairs while "
+            "it trains (data.eval, eval.every_steps: the eval_* rows of metrics.jsonl)"
+        )
     check_files(cfg.data)  # a missing data file, before the model loads
     check_eval_files(cfg)  # a missing data.eval file, named as such
     ckpt = resolve_checkpoint(Path(args.checkpoint or cfg.output_dir))

@@ -596,13 +596,11 @@ def _check_preference(cfg: RunConfig) -> None:
         "data.packing": "answer pairs train in padded rows, one answer per row",
         "data.padding_free": "answer pairs train in padded rows, one answer per row",
         "data.val_fraction": "held-out pairs come from data.eval (a file of pairs)",
-        "eval.show": "the eval rows report how often the model prefers the chosen answer",
     }
     set_ = {
         "data.packing": cfg.data.packing,
         "data.padding_free": cfg.data.padding_free is True,
         "data.val_fraction": bool(cfg.data.val_fraction),
-        "eval.show": bool(cfg.eval.show),
     }
     for key, why in refused.items():
         if set_[key]:

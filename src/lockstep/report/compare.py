@@ -104,15 +104,16 @@ def shown_prompt(tokenizer: Any, prompt: np.ndarray) -> str:
     return text(tokenizer, prompt)
 
 
-def render(rows: list[Row]) -> str:
-    """The table, a line per row, and the count of right answers before and after."""
+def render(rows: list[Row], shown: int | None = None) -> str:
+    """The table, a line per row (the first `shown` rows only, when given), and the count of
+    right answers before and after over every row."""
     right_after = sum(r.after == r.expected for r in rows)
     right_before = sum(r.before == r.expected for r in rows)
     head = ("prompt", "data says", "before training", "after training", "right")
     cells = [
         (r.prompt, r.expected, r.before or "(nothing)", r.after or "(nothing)",
          "yes" if r.after == r.expected else "no")
-        for r in rows
+        for r in rows[:shown]
     ]  # fmt: skip
     cut = [[_cut(c, w) for c, w in zip(row, WIDTHS, strict=True)] for row in [head, *cells]]
     widths = [max(len(row[k]) for row in cut) for k in range(len(head))]

@@ -60,13 +60,37 @@ def _base_for_adapter(cfg: RunConfig, out: Path, tokenizer) -> str:
     return str(base.resolve())
 
 
+SHOWN = 12  # rows of the before/after table a preference run prints (it counts them all)
+
+
 def before_after(cfg: RunConfig, trained: torch.nn.Module, tokenizer, eval_samples) -> str:
     """The eval.show table: the first eval prompts answered by the model the run started from
-    (built again from the seed, or loaded) and by `trained`."""
+    (built again from the seed, or loaded) and by `trained`. Preference runs: the eval pairs'
+    prompts, the data's answer being the chosen one; the table shows its first SHOWN rows."""
     device = next(trained.parameters()).device
     start = load_model(cfg.model, derive_seed(cfg.seed, "init")).to(device)
+    shown = None
+    if cfg.finetune.stage == "preference":  # rows 2i: prompt + chosen answer
+        eval_samples = eval_samples.subset(list(range(0, len(eval_samples), 2)))
+        shown = SHOWN
     rows = compare.table(start, trained, tokenizer, eval_samples, cfg.eval.show)
-    return f"what training changed, on the first {len(rows)} eval prompts:\n{compare.render(rows)}"
+    table = compare.render(rows, shown)
+    return f"what training changed, on the first {len(rows)} eval prompts:\n{table}"
+
+
+def preference_change(rows: list[dict]) -> str:
+    """What preference training changed on the eval pairs, from the run's metrics rows: how
+    often the model finds the chosen answer likelier, before the first step and at the end."""
+    evals = [r for r in rows if "eval_prefers_chosen" in r]
+    if len(evals) < 2 or evals[0]["step"] != 0:
+        return "eval pairs: no row from before the first step to compare with"
+    start, end = evals[0], evals[-1]
+    return (
+        f"eval pairs whose chosen answer the model finds likelier: "
+        f"{start['eval_prefers_chosen']:.1%} before training, {end['eval_prefers_chosen']:.1%} "
+        f"after {end['step']} steps (reward accuracy {end['eval_rewards/accuracy']:.1%}, "
+        f"margin {end['eval_rewards/margin']:.3f}, over {end['eval_units']} pairs)"
+    )
 
 
 def load_final(final: Path) -> torch.nn.Module:

@@ -26,6 +26,7 @@ from lockstep.dist import Dist, check_lockstep, params_checksum
 from lockstep.errors import TrainingError
 from lockstep.model.attention import to_device
 from lockstep.report import log as logmod
+from lockstep.report.metrics import read as read_metrics
 from lockstep.report.plot import plot_loss
 from lockstep.training import checkpoint, final, parallel
 from lockstep.training.build import build
@@ -204,6 +205,8 @@ def finish(run: Run, took: float) -> None:
     folder = final.save_final(run.model, run.tokenizer, run.out, run.cfg, state)
     plot_loss(run.out / "metrics.jsonl", run.out / "loss.png")
     log.info(f"done in {took:.1f}s; model: {folder}; curve: {run.out / 'loss.png'}")
+    if run.objective.metrics and run.eval_samples is not None:
+        log.info(final.preference_change(read_metrics(run.out / "metrics.jsonl")))
     if run.cfg.eval.show and run.eval_samples is not None:
         sharded = parallel.shards_weights(run.cfg, run.d)
         trained = final.load_final(folder) if sharded else run.model
