@@ -95,7 +95,7 @@ def test_unknown_key_suggests_the_closest(tmp_path, override, expected):
             "data.train.0.format=csvx",
             "data.train.0.format",
             "'csvx'",
-            "'alpaca', 'messages', 'sharegpt' or 'text'",
+            "'alpaca', 'messages', 'sharegpt', 'text' or 'preference'",
         ),
     ],
 )

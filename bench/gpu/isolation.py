@@ -38,7 +38,7 @@ def samples_of(lengths: list[int], vocab: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     ids = [rng.integers(4, vocab, size=n, dtype=np.int64) for n in lengths]
-    return Samples(ids, [x.copy() for x in ids], "isolation-check", {"samples": len(ids)})
+    return Samples(ids, [x.copy() for x in ids], "isolation-check")
 
 
 def logits_of(engine: torch.nn.Module, batch: dict, cfg, d) -> torch.Tensor:
