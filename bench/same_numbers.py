@@ -94,8 +94,10 @@ def main() -> int:
               f"{'bit-identical' if identical else 'DIFFER'}; tokens/s before "
               f"{speed['before']:,.0f}, after {speed['after']:,.0f} "
               f"({speed['after'] / speed['before']:.2f}x)")  # fmt: skip
+    head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
     record = {
-        "before": args.before, "steps": args.steps, "repeats": args.repeats,
+        "before": args.before, "after": head, "steps": args.steps, "repeats": args.repeats,
         "threads": os.environ.get("OMP_NUM_THREADS", "1"), "machine": platform.processor()
         or platform.machine(), "cpus": os.cpu_count(), "results": report,
     }  # fmt: skip

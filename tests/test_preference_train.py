@@ -136,3 +136,21 @@ def test_eval_pairs_are_scored_before_and_after_and_the_result_exports(tmp_path)
     assert res.returncode == 0 and res.stdout.strip(), res.stderr
     res = run_cli("eval", str(cfg))  # scores SFT runs; a preference run scored its pairs above
     assert res.returncode == 1 and "scores its eval pairs while it trains" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("finetune", [LORA, FULL], ids=["lora", "full-precompute"])
+def test_fsdp_on_two_processes_trains_the_pairs_as_ddp_does(tmp_path, finetune):
+    """FSDP2 shards the model the pair objective wraps: the reference pass (adapters off, or
+    the precomputed table computed through the sharded model) and the losses equal DDP's."""
+    rows = {}
+    for strategy in ("ddp", "fsdp"):
+        cfg = pair_config(tmp_path / strategy, finetune=finetune, train={"max_steps": 3},
+                          optim={"lr": 1e-2})  # fmt: skip
+        res = run_cli("train", str(cfg), "--nproc-per-node", "2", f"train.strategy={strategy}")
+        assert res.returncode == 0, res.stderr
+        rows[strategy] = train_rows(tmp_path / strategy / "out")
+    assert rows["fsdp"][0]["loss"] == pytest.approx(0.693147, abs=1e-5)
+    for key in ("loss", "rewards/margin", "grad_norm"):
+        got, want = [r[key] for r in rows["fsdp"]], [r[key] for r in rows["ddp"]]
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-5), key

@@ -57,6 +57,7 @@ def train(run: Run) -> float:
     try:
         if run.start_step == 0 and run.objective.metrics:  # where the objective's metrics start
             evaluate_now(run, 0)
+            run.window.started = time.perf_counter()  # the first row's tokens/s: training only
         for step in range(run.start_step, run.steps):
             result = train_step(run, step)
             log_step(run, result)
