@@ -41,6 +41,7 @@ def test_dpo_with_lora_trains_and_logs_rewards(tmp_path):
         assert key in first
     assert rows[-1]["rewards/margin"] > 0  # the chosen answers pull ahead
     assert (tmp_path / "out" / "final" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "loss.png").stat().st_size > 0  # loss, and rewards beside it
 
 
 @pytest.mark.parametrize(
