@@ -85,6 +85,9 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     precompute = getattr(objective, "reference", None) == "precompute"
     starting = params_checksum(model, trainable_only=False) if precompute else None
     trainee = parallel.prepare(cfg, d, model, objective)  # FSDP shards `model` in place
+    # the optimizer takes the parameters as FSDP registered them, before any forward pass
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, steps)
     if starting:  # before a checkpoint is loaded: the model is the starting one
         path = reference.table_path(cfg, samples, starting, layout.attention.name or "auto")
         table, how = reference.precomputed(
@@ -92,8 +95,6 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         )
         objective = dataclasses.replace(objective, table=table)
         log.info(f"reference log-probabilities: {how}")
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, steps)
     start_step = restore(cfg, d, resumed, (model, optimizer, scheduler), data_rank, steps)
     log_plan(cfg, samples, order, steps, model, layout.padding_free)
     log.info(f"attention: {model.config._attn_implementation} ({layout.attention.reason}"

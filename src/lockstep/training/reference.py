@@ -107,6 +107,8 @@ def compute(
             table.index_add_(0, at[real], logps[real])
     finally:
         trainee.train(was)
+        if hasattr(trainee, "reshard"):  # FSDP2: the root unit stays gathered after a forward
+            trainee.reshard()
     if d.distributed:
         tdist.all_reduce(table)
     return table.cpu().numpy()
