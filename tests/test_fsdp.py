@@ -253,15 +253,19 @@ def start(cfg, *args: str) -> subprocess.Popen:
 def kill_9_job(cfg) -> list[int]:
     """SIGKILL every process of the run of `cfg` (lockstep, torchrun and each rank: torchrun
     starts the ranks in sessions of their own), as if the machine died."""
-    killed = []
+    found = []  # every process first: a killed parent takes its children down with it
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and str(cfg).encode() in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-                killed.append(int(proc.name))
-        except (OSError, ProcessLookupError):
+                found.append(int(proc.name))
+        except OSError:
             continue
-    return killed
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue  # gone already, with its parent
+    return found
 
 
 def wait_for_step(out, step: int, proc: subprocess.Popen, timeout: float = HANG_S) -> None:
