@@ -340,15 +340,16 @@ def reply(chat: ChatModel, history: list[Message], args: argparse.Namespace) -> 
             streamer.end()  # else the reader below waits for text that never comes
 
     thread = threading.Thread(target=generate, daemon=True)
-    thread.start()
     pieces: list[str] = []
-    try:
+    try:  # started inside: a Ctrl-C right after the start still stops the thread
+        thread.start()
         for piece in streamer:
             pieces.append(piece)
             print(piece, end="", flush=True)
     except KeyboardInterrupt:
         stop.set()
-        thread.join()
+        if thread.is_alive():
+            thread.join()
         raise
     thread.join()
     if failure:
