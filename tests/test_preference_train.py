@@ -195,3 +195,16 @@ def test_each_pair_layout_trains_end_to_end(tmp_path, layout):
     assert "data: 128 samples from 64 records" in res.stderr
     rows = train_rows(tmp_path / "out")
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-5) and len(rows) == 2
+
+
+def test_data_preview_shows_each_pair_with_both_answers_marked(tmp_path):
+    cfg = pair_config(tmp_path)
+    res = run_cli("data", "preview", str(cfg), "-n", "1")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    chosen = out[out.index("--- pair 0: chosen") : out.index("--- pair 0: rejected")]
+    rejected = out[out.index("--- pair 0: rejected") : out.index("--- statistics")]
+    # the demo's first pair: the same prompt, each answer (and its end marker) marked trained
+    assert "[[FOX NORTH CUP NORTH" in chosen and "[[FOX NORTH CUP north" in rejected
+    assert chosen.split("[[")[0].split("\n", 1)[1] == rejected.split("[[")[0].split("\n", 1)[1]
+    assert "pairs:          1200" in out and "--- pair 1" not in out

@@ -177,10 +177,11 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     cfg = config.load(configs.resolve(args.config), args.overrides)
     check_files(cfg.data)  # a missing data file in words, before the tokenizer loads
     tokenizer = load_tokenizer(cfg.model, templates.configured(cfg.data))
-    samples, how = cache.load_or_build(cfg.data, tokenizer)
+    pairs = cfg.finetune.stage == "preference"
+    samples, how = cache.load_or_build(cfg.data, tokenizer, pairs=pairs)
     print(f"[lockstep] data: {how}", file=sys.stderr)
     colour = sys.stdout.isatty() and not args.no_colour
-    print(preview.report(tokenizer, samples, args.n, colour, cfg.data))
+    print(preview.report(tokenizer, samples, args.n, colour, cfg.data, pairs))
     return 0
 
 

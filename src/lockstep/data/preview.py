@@ -31,11 +31,16 @@ def marked(tokenizer: Any, ids: np.ndarray, labels: np.ndarray, colour: bool) ->
     return "".join(out)
 
 
-def report(tokenizer: Any, samples: Samples, n: int, colour: bool, cfg: DataConfig) -> str:
+def report(
+    tokenizer: Any, samples: Samples, n: int, colour: bool, cfg: DataConfig, pairs: bool = False
+) -> str:
+    """The first `n` samples with their trained tokens marked, then the statistics. `pairs`:
+    answer pairs (data/pairs.py): the first `n` pairs, each answer with the shared prompt."""
     parts = []
-    for i in range(min(n, len(samples))):
+    for i in range(min(2 * n if pairs else n, len(samples))):
         body = marked(tokenizer, samples.input_ids[i], samples.labels[i], colour)
-        parts.append(f"--- sample {i} ({len(samples.input_ids[i])} tokens)\n{body}")
+        head = f"pair {i // 2}: {'rejected' if i % 2 else 'chosen'}" if pairs else f"sample {i}"
+        parts.append(f"--- {head} ({len(samples.input_ids[i])} tokens)\n{body}")
     st = samples.stats
     tokens, trained = samples.token_count(), samples.target_token_count()
     lengths = samples.lengths()
@@ -43,7 +48,8 @@ def report(tokenizer: Any, samples: Samples, n: int, colour: bool, cfg: DataConf
     parts.append(
         "--- statistics\n"
         f"records:        {st.records}\n"
-        f"samples:        {samples.sample_count()}\n"
+        + (f"pairs:          {len(samples) // 2}\n" if pairs else "")
+        + f"samples:        {samples.sample_count()}\n"
         f"tokens:         {tokens}\n"
         f"trained tokens: {trained} ({trained / max(tokens, 1):.1%})\n"
         f"length:         min {lengths.min()}, p50 {p50}, p90 {p90}, p99 {p99}, max {lengths.max()}\n"
