@@ -14,15 +14,12 @@ what is trained (a KTO label, preference pairs, a loss weight lockstep cannot ap
 `columns` maps lockstep's field names to the dataset's (`{instruction: prompt}`), so a dataset
 never needs rewriting to be used.
 
-Preference pairs (`convert_pair`) come in the same layouts: alpaca and sharegpt with `chosen` /
-`rejected` answers (LLaMA-Factory's pairwise datasets), and `preference`, TRL's `prompt` /
-`chosen` / `rejected` (conversational or plain strings). Each gives a `Pair`: the prompt
-conversation and the two assistant answers that follow it.
+Preference pairs come in the same layouts (data/pair_formats.py reads them with the pieces
+below).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,29 +91,6 @@ class Document:
 
     text: str
     unused: tuple[str, ...] = ()
-
-
-@dataclass
-class Pair:
-    """A preference pair: the prompt conversation and two answers to it (one assistant message
-    each), `chosen` preferred to `rejected`."""
-
-    prompt: list[Message]
-    chosen: Message
-    rejected: Message
-    tools: list[dict[str, Any]] | None = None
-    unused: tuple[str, ...] = ()
-
-    def conversations(self) -> tuple[Conversation, Conversation]:
-        """prompt + chosen and prompt + rejected; in each, only the answer (the last turn) is
-        trained: the prompt's assistant turns, if any, are context, as the pair's data says."""
-        out = []
-        for answer in (self.chosen, self.rejected):
-            messages = copy.deepcopy([*self.prompt, answer])
-            _link_tool_results(messages)
-            earlier = frozenset(i for i, m in enumerate(messages[:-1]) if m["role"] == "assistant")
-            out.append(Conversation(messages, self.tools, earlier, self.unused))
-        return out[0], out[1]
 
 
 def check_columns(fmt: str, columns: dict[str, str] | None) -> dict[str, str] | None:
@@ -209,13 +183,13 @@ class Fields:
 
 def alpaca(f: Fields) -> Conversation:
     """instruction (+ input) -> user, output -> assistant; optional system, history and tools."""
-    prompt, output = _alpaca_prompt(f), f.text("output")
+    prompt, output = alpaca_prompt(f), f.text("output")
     if not output.strip():
         raise DataError(f"{f.where}: field {f.name('output')!r} is empty: nothing to train on")
     return _finish(f, [*prompt, {"role": "assistant", "content": output}], set(), set())
 
 
-def _alpaca_prompt(f: Fields) -> list[Message]:
+def alpaca_prompt(f: Fields) -> list[Message]:
     """system, history ([user, assistant] pairs), then instruction (+ input) as the user turn."""
     instruction, extra = f.text("instruction"), f.text("input", False)
     messages: list[Message] = []
@@ -239,11 +213,11 @@ def _alpaca_prompt(f: Fields) -> list[Message]:
 def sharegpt(f: Fields) -> Conversation:
     """`conversations: [{from, value}]`: human/gpt/system turns, function_call turns (a JSON call
     or list of calls) and observation turns (their results); optional system and tools."""
-    messages, untrained, extra = _sharegpt_turns(f)
+    messages, untrained, extra = sharegpt_turns(f)
     return _finish(f, messages, untrained, extra)
 
 
-def _sharegpt_turns(f: Fields) -> tuple[list[Message], set[int], set[str]]:
+def sharegpt_turns(f: Fields) -> tuple[list[Message], set[int], set[str]]:
     """(messages, untrained assistant turns, unread turn keys) of `conversations`, with the
     `system` field first."""
     name, role_key, text_key = f.name("conversations"), f.name("from"), f.name("value")
@@ -259,18 +233,18 @@ def _sharegpt_turns(f: Fields) -> tuple[list[Message], set[int], set[str]]:
                 f"{where}: a system turn and a {f.name('system')!r} field: give the system "
                 "prompt once"
             )
-        if not _trained(t, where, role):
+        if not trained(t, where, role):
             untrained.add(len(messages))
-        messages.append(_sharegpt_message(f, t, where, role))
-        extra |= _extra_keys(t, name, {role_key, text_key})
+        messages.append(sharegpt_message(f, t, where, role))
+        extra |= extra_keys(t, name, {role_key, text_key})
     return messages, untrained, extra
 
 
-def _sharegpt_message(f: Fields, t: dict, where: str, role: str) -> Message:
+def sharegpt_message(f: Fields, t: dict, where: str, role: str) -> Message:
     """One {from, value} turn as a message: a function_call turn's value is its JSON call(s)."""
     value = t.get(f.name("value"))
     if not isinstance(value, str):
-        raise DataError(f"{where}: {f.name('value')!r} must be a string, got {_short(value)}")
+        raise DataError(f"{where}: {f.name('value')!r} must be a string, got {short(value)}")
     if t[f.name("from")] == "function_call":
         return {"role": role, "tool_calls": _calls_from_json(value, where)}
     return {"role": role, "content": value}
@@ -285,11 +259,11 @@ def messages(f: Fields) -> Conversation:
     `tool_calls` (content may then be null); tool messages `tool_call_id` and `name`. A message's
     `loss_weight` (or `weight`) of 0 leaves that assistant turn untrained.
     """
-    out, untrained, extra = _messages_at(f, "messages")
+    out, untrained, extra = messages_at(f, "messages")
     return _finish(f, out, untrained, extra)
 
 
-def _messages_at(f: Fields, field: str) -> tuple[list[Message], set[int], set[str]]:
+def messages_at(f: Fields, field: str) -> tuple[list[Message], set[int], set[str]]:
     """(messages, untrained assistant turns, unread message keys) of the message list `field`."""
     name, role_key, text_key = f.name(field), f.name("role"), f.name("content")
     out: list[Message] = []
@@ -304,7 +278,7 @@ def _messages_at(f: Fields, field: str) -> tuple[list[Message], set[int], set[st
         for key in REASONING_FIELDS:
             if t.get(key) is not None:
                 if not isinstance(t[key], str):
-                    raise DataError(f"{where}: {key!r} must be a string, got {_short(t[key])}")
+                    raise DataError(f"{where}: {key!r} must be a string, got {short(t[key])}")
                 reasoning = t[key] if reasoning is None else f"{reasoning}\n{t[key]}"
         if t.get("tool_calls") is not None:
             calls += _tool_calls(t["tool_calls"], f"{where}.tool_calls")
@@ -327,8 +301,8 @@ def _messages_at(f: Fields, field: str) -> tuple[list[Message], set[int], set[st
             raise DataError(f"{where}: {text_key!r} is missing or null (and no tool calls)")
         known = {role_key, text_key, "tool_calls", "function_call", "tool_call_id", "name",
                  *REASONING_FIELDS}  # fmt: skip
-        extra |= _extra_keys(t, name, known)
-        if not _trained(t, where, role):
+        extra |= extra_keys(t, name, known)
+        if not trained(t, where, role):
             untrained.add(len(out))
         out.append(msg)
     return out, untrained, extra
@@ -349,182 +323,28 @@ def convert(
     rec: Record, fmt: str, columns: dict[str, str] | None = None, ignore: list[str] | None = None
 ) -> Conversation | Document:
     """A record -> a conversation (or a text document); DataError names the record."""
+    refusal = (
+        f"format {fmt!r} holds preference pairs, which supervised fine-tuning does not read "
+        f"(its formats: {', '.join(FORMATS)})"
+    )
+    return read(rec, fmt, FORMATS, refusal, columns, ignore)
+
+
+def read(
+    rec: Record, fmt: str, readers: dict[str, Any], refusal: str,
+    columns: dict[str, str] | None, ignore: list[str] | None, pairs: bool = False,
+) -> Any:  # fmt: skip
+    """`readers[fmt]` applied to the record, its unread fields noted; `refusal` when no reader
+    takes `fmt`. `pairs`: the preference stage reads the record (Fields.refuse)."""
     if rec.error:
         raise DataError(f"{rec.where}: {rec.error}")
-    if fmt not in FORMATS:
-        raise DatasetError(
-            f"{rec.where}: format {fmt!r} holds preference pairs, which supervised fine-tuning "
-            f"does not read (its formats: {', '.join(FORMATS)})"
-        )
+    if fmt not in readers:
+        raise DatasetError(f"{rec.where}: {refusal}")
     f = Fields(rec, columns)
-    f.refuse(ignore or [])  # first: the truest thing to say about a preference or KTO record
-    out = FORMATS[fmt](f)
+    f.refuse(ignore or [], pairs=pairs)  # first: the truest thing to say about the record
+    out = readers[fmt](f)
     out.unused = tuple(out.unused) + f.unused(ignore or [])
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# preference pairs
-
-
-def alpaca_pair(f: Fields) -> Pair:
-    """LLaMA-Factory's alpaca pairwise: the alpaca prompt (system, history, instruction, input)
-    and two answers, `chosen` and `rejected` (strings)."""
-    prompt = _alpaca_prompt(f)
-    chosen, rejected = (_text_answer(f, key) for key in PAIR_FIELDS)
-    return _pair(f, prompt, chosen, rejected, set())
-
-
-def sharegpt_pair(f: Fields) -> Pair:
-    """LLaMA-Factory's sharegpt pairwise: `conversations` (the prompt turns, ending with the
-    user's) and `chosen` / `rejected`, each one assistant turn `{from: gpt, value}`."""
-    prompt, _, extra = _sharegpt_turns(f)
-    answers = []
-    for key in PAIR_FIELDS:
-        name, role_key, text_key = f.name(key), f.name("from"), f.name("value")
-        t = f.value(key)
-        t = t[0] if isinstance(t, list) and len(t) == 1 else t
-        if not isinstance(t, dict) or SHAREGPT_ROLES.get(t.get(role_key)) != "assistant":
-            raise DataError(
-                f"{f.where}: field {name!r} must be one assistant turn {{{role_key}: gpt, "
-                f"{text_key}: ...}}, got {_short(t)}"
-            )
-        answers.append(_sharegpt_message(f, t, f"{f.where}: {name}", "assistant"))
-        _answer_trained(t, f"{f.where}: {name}")
-        extra |= {
-            e.replace(f"{name}[].", f"{name}.") for e in _extra_keys(t, name, {role_key, text_key})
-        }
-    return _pair(f, prompt, answers[0], answers[1], extra)
-
-
-def preference(f: Fields) -> Pair:
-    """TRL's layout: `prompt`, `chosen`, `rejected`, and an optional `system`.
-
-    Standard: three strings (the prompt is one user message, each answer one assistant
-    message). Conversational: `prompt` a list of messages (as the messages format reads them),
-    `chosen` / `rejected` lists of messages ending with the assistant's answer. Messages before
-    the answer in those lists (TRL's implicit prompt: no `prompt` field, or a text `prompt`
-    repeated as their last user message) must be the same in both and continue the prompt.
-    """
-    extra: set[str] = set()
-    answers, before = [], []
-    for key in PAIR_FIELDS:
-        value, name = f.value(key), f.name(key)
-        if isinstance(value, str):
-            before.append([])
-            answers.append(_text_answer(f, key))
-            continue
-        messages, untrained, unread = _messages_at(f, key)
-        extra |= unread
-        if messages[-1]["role"] != "assistant":
-            raise DataError(
-                f"{f.where}: field {name!r} must end with the answer, an assistant message; "
-                f"it ends with a {messages[-1]['role']} message"
-            )
-        if len(messages) - 1 in untrained:
-            raise DataError(f"{f.where}: {name}: a pair's answer has loss weight 0; its answers "
-                            "are trained")  # fmt: skip
-        before.append(messages[:-1])
-        answers.append(messages[-1])
-    if before[0] != before[1]:
-        raise DataError(
-            f"{f.where}: fields {f.name('chosen')!r} and {f.name('rejected')!r} hold different "
-            f"messages before their answers; a pair's two answers reply to one prompt (put the "
-            f"shared messages in {f.name('prompt')!r} and one answer in each)"
-        )
-    prompt, unread = _preference_prompt(f, before[0])
-    return _pair(f, prompt, answers[0], answers[1], extra | unread)
-
-
-def _preference_prompt(f: Fields, before: list[Message]) -> tuple[list[Message], set[str]]:
-    """The prompt conversation: `system`, then `prompt` (text: one user message; a list:
-    messages), then the messages the answers' lists share before the answers."""
-    name, value, extra = f.name("prompt"), f.get("prompt"), set()
-    if value is None and before:
-        prompt = list(before)  # TRL's implicit prompt
-    elif isinstance(value, str) and before:
-        users = [m for m in before if m["role"] == "user"]
-        if not users or str(users[-1].get("content") or "").strip() != value.strip():
-            raise DataError(
-                f"{f.where}: field {name!r} is text, and {f.name('chosen')!r} / "
-                f"{f.name('rejected')!r} begin with a conversation whose last user message is "
-                f"not that text; give the prompt once"
-            )
-        prompt = list(before)  # the prompt written twice, as HuggingFaceH4's datasets do
-    elif isinstance(value, list):
-        prompt, _, extra = _messages_at(f, "prompt")
-        prompt += before
-    else:
-        prompt = [{"role": "user", "content": f.text("prompt")}]
-    system = f.text("system", required=False)
-    if system and prompt[0]["role"] == "system":
-        raise DataError(
-            f"{f.where}: a system message in the prompt and a {f.name('system')!r} field: give "
-            "the system prompt once"
-        )
-    return ([{"role": "system", "content": system}] if system else []) + prompt, extra
-
-
-def _text_answer(f: Fields, key: str) -> Message:
-    return {"role": "assistant", "content": f.text(key)}
-
-
-def _answer_trained(turn: dict, where: str) -> None:
-    """An answer of a pair is trained: a loss weight of 0 on it cannot be honoured."""
-    if not _trained(turn, where, "assistant"):
-        raise DataError(f"{where}: a pair's answer has loss weight 0; its answers are trained")
-
-
-def _pair(f: Fields, prompt: list[Message], chosen: Message, rejected: Message,
-          extra: set[str]) -> Pair:  # fmt: skip
-    """Check what makes a pair: a prompt ending with the turn the answers reply to, two
-    non-empty answers that differ."""
-    turns = [m for m in prompt if m["role"] != "system"]
-    if not turns or turns[-1]["role"] not in ("user", "tool"):
-        got = f"a {turns[-1]['role']} message" if turns else "no user message"
-        raise DataError(
-            f"{f.where}: the prompt must end with the user's (or a tool's) message that the "
-            f"answers reply to; it ends with {got}"
-        )
-    for key, answer in zip(PAIR_FIELDS, (chosen, rejected), strict=True):
-        if not str(answer.get("content") or "").strip() and not answer.get("tool_calls"):
-            raise DataError(
-                f"{f.where}: field {f.name(key)!r} is empty: a pair needs two answers to compare"
-            )
-    if _answer_key(chosen) == _answer_key(rejected):
-        raise DataError(
-            f"{f.where}: {f.name('chosen')!r} and {f.name('rejected')!r} are the same answer, so "
-            f"the pair prefers nothing; fix one answer or remove the record"
-        )
-    tools = _tools(f.get("tools"), f"{f.where}: field {f.name('tools')!r}")
-    return Pair(prompt, chosen, rejected, tools, tuple(sorted(extra)))
-
-
-def _answer_key(m: Message) -> str:
-    """What an answer says, for comparing two (surrounding whitespace aside)."""
-    return json.dumps({k: v.strip() if isinstance(v, str) else v for k, v in m.items()},
-                      sort_keys=True, ensure_ascii=False)  # fmt: skip
-
-
-PAIR_READERS = {"alpaca": alpaca_pair, "sharegpt": sharegpt_pair, "preference": preference}
-
-
-def convert_pair(
-    rec: Record, fmt: str, columns: dict[str, str] | None = None, ignore: list[str] | None = None
-) -> Pair:
-    """A record -> a preference pair; DataError names the record."""
-    if rec.error:
-        raise DataError(f"{rec.where}: {rec.error}")
-    if fmt not in PAIR_READERS:
-        raise DatasetError(
-            f"{rec.where}: format {fmt!r} holds no preference pairs; pairs are read from the "
-            f"formats {', '.join(PAIR_READERS)} (with chosen / rejected answers)"
-        )
-    f = Fields(rec, columns)
-    f.refuse(ignore or [], pairs=True)
-    pair = PAIR_READERS[fmt](f)
-    pair.unused = tuple(pair.unused) + f.unused(ignore or [])
-    return pair
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,8 +355,8 @@ def _finish(
     f: Fields, messages: list[Message], untrained: set[int], extra: set[str]
 ) -> Conversation:
     """Link tool results to their calls, read the tools, check there is something to train."""
-    _link_tool_results(messages)
-    tools = _tools(f.get("tools"), f"{f.where}: field {f.name('tools')!r}")
+    link_tool_results(messages)
+    tools = read_tools(f.get("tools"), f"{f.where}: field {f.name('tools')!r}")
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not turns:
         raise DataError(f"{f.where}: the conversation has no assistant turn: nothing to train on")
@@ -549,7 +369,7 @@ def _finish(
     return Conversation(messages, tools, frozenset(untrained), tuple(sorted(extra)))
 
 
-def _extra_keys(turn: dict, name: str, known: set[str]) -> set[str]:
+def extra_keys(turn: dict, name: str, known: set[str]) -> set[str]:
     """A turn's keys that nothing reads (reported as `conversations[].key`)."""
     known = known | set(TURN_WEIGHTS)
     return {f"{name}[].{k}" for k, v in turn.items() if k not in known and v is not None}
@@ -571,7 +391,7 @@ def _each_turn(
         if not isinstance(t, dict) or t.get(role_key) not in roles:
             raise DataError(
                 f"{where} must be {{{role_key}, {text_key}}} with {role_key} in "
-                f"{sorted(roles)}, got {_short(t)}"
+                f"{sorted(roles)}, got {short(t)}"
             )
         yield where, t, roles[t[role_key]]
 
@@ -581,9 +401,7 @@ def _content(value: Any, where: str, key: str) -> tuple[str | None, str | None, 
     if value is None or isinstance(value, str):
         return value, None, []
     if not isinstance(value, list):
-        raise DataError(
-            f"{where}: {key!r} must be a string or a list of parts, got {_short(value)}"
-        )
+        raise DataError(f"{where}: {key!r} must be a string or a list of parts, got {short(value)}")
     texts, reasoning, calls = [], [], []
     for k, part in enumerate(value):
         here = f"{where}.{key}[{k}]"
@@ -600,7 +418,7 @@ def _content(value: Any, where: str, key: str) -> tuple[str | None, str | None, 
         else:
             raise DataError(
                 f"{here}: parts of type {kind!r} cannot be trained (lockstep trains text: parts "
-                f"of type text, reasoning and tool_call are read), got {_short(part)}"
+                f"of type text, reasoning and tool_call are read), got {short(part)}"
             )
     joined = "\n".join(texts) if texts else None
     return joined, "\n".join(reasoning) if reasoning else None, calls
@@ -614,7 +432,7 @@ def _is_parts(value: Any) -> bool:
     )  # fmt: skip
 
 
-def _trained(turn: dict, where: str, role: str) -> bool:
+def trained(turn: dict, where: str, role: str) -> bool:
     """A turn's loss weight (`loss_weight` or `weight`): 1 or absent trains an assistant turn,
     0 leaves it untrained; other turns are never trained, so they may only say 0."""
     for key in TURN_WEIGHTS:
@@ -646,14 +464,14 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     """Tool calls in the shape templates read: {id?, type: function, function: {name, arguments}}
     with arguments a mapping (OpenAI's JSON-string arguments are parsed)."""
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: tool calls must be a non-empty list, got {_short(value)}")
+        raise DataError(f"{where}: tool calls must be a non-empty list, got {short(value)}")
     out = []
     for k, call in enumerate(value):
         fn = call.get("function", call) if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise DataError(
                 f'{where}[{k}]: a tool call needs a function name: {{"name": ..., '
-                f'"arguments": {{...}}}}, got {_short(call)}'
+                f'"arguments": {{...}}}}, got {short(call)}'
             )
         args = fn.get("arguments", fn.get("parameters", {}))
         if isinstance(args, str):
@@ -662,7 +480,7 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}[{k}]: arguments are not valid JSON: {e.msg}") from None
         if not isinstance(args, dict):
-            raise DataError(f"{where}[{k}]: arguments must be a JSON object, got {_short(args)}")
+            raise DataError(f"{where}[{k}]: arguments must be a JSON object, got {short(args)}")
         tool_call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"],
                                                                       "arguments": args}}  # fmt: skip
         if isinstance(call, dict) and call.get("id") is not None:
@@ -671,7 +489,7 @@ def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
-def _link_tool_results(messages: list[Message]) -> None:
+def link_tool_results(messages: list[Message]) -> None:
     """Number the calls that have no id (call00001, ...: nine letters and digits, which every
     template accepts) and give each tool result the id and name of the call it answers (the
     call its tool_call_id names, else the next unanswered one) where the data leaves them out."""
@@ -692,7 +510,7 @@ def _link_tool_results(messages: list[Message]) -> None:
             m.setdefault("name", call["function"]["name"])
 
 
-def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
+def read_tools(value: Any, where: str) -> list[dict[str, Any]] | None:
     """The functions a record offers: a list (or JSON text of one) of JSON schemas, each in
     the `{type: function, function: {name, description, parameters}}` shape templates read."""
     if value is None or (isinstance(value, str) and not value.strip()):
@@ -705,19 +523,19 @@ def _tools(value: Any, where: str) -> list[dict[str, Any]] | None:
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
-        raise DataError(f"{where} must be a list of function schemas, got {_short(value)}")
+        raise DataError(f"{where} must be a list of function schemas, got {short(value)}")
     out = []
     for k, tool in enumerate(value):
         fn = tool.get("function", tool) if isinstance(tool, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise DataError(
                 f"{where}[{k}] must be a function schema {{name, description, parameters}}, "
-                f"got {_short(tool)}"
+                f"got {short(tool)}"
             )
         out.append({"type": "function", "function": fn})
     return out or None
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def short(value: Any, limit: int = 80) -> str:
     text = json.dumps(value, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."

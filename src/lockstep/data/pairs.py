@@ -1,6 +1,6 @@
 """Preference pairs -> samples: two rows per pair, the prompt shared, only the answers trained.
 
-A pair (data/formats.py: `convert_pair`) is rendered twice with the model's own chat template,
+A pair (data/pair_formats.py: `convert_pair`) is rendered twice with the model's own chat template,
 through the same Renderer as supervised data: prompt + chosen and prompt + rejected. Only the
 last turn, the answer, carries labels (the prompt's earlier assistant turns are context: the
 data prefers one answer, it says nothing of them). Row 2i of the samples is pair i's chosen
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from lockstep.config import DataConfig, DatasetConfig
-from lockstep.data import dataset, formats, sources, templates
+from lockstep.data import dataset, pair_formats, sources, templates
 from lockstep.data.dataset import Samples
 from lockstep.data.render import IGNORE, Options, Renderer
 from lockstep.errors import ConfigError, DataError, DatasetError
@@ -75,7 +75,7 @@ def encode_pair(
     render: Renderer, rec: sources.Record, ds: DatasetConfig, cfg: DataConfig
 ) -> EncodedPair:
     """One record -> its chosen and rejected rows; DataError names the record."""
-    pair = formats.convert_pair(rec, ds.format, ds.columns, ds.ignore_fields)
+    pair = pair_formats.convert_pair(rec, ds.format, ds.columns, ds.ignore_fields)
     rows, notes = [], []
     for conv in pair.conversations():
         rendered = render.render(conv, rec.where)
