@@ -111,10 +111,10 @@ def _run_template_kwargs(path: Path) -> dict[str, Any]:
     """data.template_kwargs of the run whose output_dir `path` is (none for other folders)."""
     if not (path / "final").is_dir() or not (path / "config.yaml").is_file():
         return {}
-    from lockstep import config as config_mod
+    from lockstep import config_files
 
     try:
-        raw = config_mod.read_file(path / "config.yaml")
+        raw = config_files.read_file(path / "config.yaml")
     except LockstepError:
         return {}
     kwargs = (raw.get("data") or {}).get("template_kwargs") or {}

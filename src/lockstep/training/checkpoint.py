@@ -43,6 +43,7 @@ import torch.distributed as tdist
 from safetensors.torch import load_file, save_file
 
 from lockstep import config as config_mod
+from lockstep import config_files
 from lockstep.config import RunConfig
 from lockstep.data.order import Order
 from lockstep.dist import Dist, main_first
@@ -416,7 +417,7 @@ def read(path: Path) -> Loaded:
             f"{earlier_checkpoint_hint(path)}"
         ) from None
     try:
-        cfg = config_mod.read_file(path / "config.yaml")
+        cfg = config_files.read_file(path / "config.yaml")
     except config_mod.ConfigError as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: {first_line(e)}{earlier_checkpoint_hint(path)}"
