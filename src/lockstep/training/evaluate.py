@@ -10,7 +10,7 @@ of pairs whose chosen answer the model finds likelier). Rank r evaluates units r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
@@ -74,6 +74,16 @@ def eval_split(
     return samples, (load(data) if data is not None else None)
 
 
+def rank_share(units: int, d: Dist, micro_size: int) -> Iterator[np.ndarray]:
+    """The micro-batches of the units rank r takes (r, r+W, r+2W, ...). Every rank gets the
+    same number of them, a rank with fewer units ending on [PAD] ones: with FSDP each forward
+    gathers weights from all ranks."""
+    mine = np.arange(d.rank, units, d.world_size)
+    for start in range(0, -(-units // d.world_size), micro_size):
+        ids = mine[start : start + micro_size]
+        yield ids if len(ids) else np.array([PAD])
+
+
 @torch.no_grad()
 def evaluate(
     engine: torch.nn.Module, samples: Samples, d: Dist, micro_size: int, pad_id: int,
@@ -84,23 +94,16 @@ def evaluate(
     wrapper. `padding_free`, `varlen`: the micro-batch layout training uses (data/collate.py);
     `objective`: the run's (supervised fine-tuning when None).
 
-    Every rank runs the same number of micro-batches (a rank with fewer units runs empty
-    ones): with FSDP each forward gathers weights from all ranks.
+    Every rank runs the same number of micro-batches (rank_share).
     """
     objective = objective or TokenCrossEntropy()
     if not isinstance(engine, CausalLMLoss | PairLoss):
         engine = objective.module(engine)
     was_training = engine.training
     engine.eval()
-    units = objective.units(samples)
-    mine = np.arange(d.rank, units, d.world_size)
-    per_rank = -(-units // d.world_size)
     sums = np.zeros(1 + len(objective.metrics))
     denominator = 0
-    for start in range(0, per_rank, micro_size):
-        ids = mine[start : start + micro_size]
-        if len(ids) == 0:
-            ids = np.array([PAD])
+    for ids in rank_share(objective.units(samples), d, micro_size):
         rows = objective.rows(ids)
         batch = collate(samples, rows, pad_id, padding_free, varlen)
         batch = to_device(objective.prepare(ids, batch), d.device)

@@ -30,6 +30,7 @@ from lockstep.data.order import PAD
 from lockstep.dist import Dist, all_reduce_sum, main_first
 from lockstep.model.attention import to_device
 from lockstep.training import parallel
+from lockstep.training.evaluate import rank_share
 from lockstep.training.preference import REFERENCE_PASS, PairPreference
 
 
@@ -85,18 +86,12 @@ def compute(
     samples: Samples, pad_id: int,
 ) -> np.ndarray:  # fmt: skip
     """Every row's log-probability under the trainee's model as it is now (all ranks take part,
-    each running the same number of micro-batches: FSDP gathers weights from every rank)."""
-    pairs = objective.units(samples)
-    mine = np.arange(d.rank, pairs, d.world_size)
-    per_rank = -(-pairs // d.world_size)
-    micro = cfg.batch.micro_size
+    each running the same number of micro-batches: evaluate.rank_share)."""
     table = torch.zeros(len(samples), dtype=torch.float64, device=d.device)
     was = trainee.training
     trainee.eval()
     try:
-        for start in range(0, per_rank, micro):
-            ids = mine[start : start + micro]
-            ids = np.concatenate([ids, np.full(micro - len(ids), PAD)]) if len(ids) < micro else ids
+        for ids in rank_share(objective.units(samples), d, cfg.batch.micro_size):
             rows = objective.rows(ids)
             batch = collate(samples, rows, pad_id, False, False)
             batch = {**objective.prepare(ids, batch), REFERENCE_PASS: torch.ones(())}
