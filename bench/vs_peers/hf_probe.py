@@ -8,10 +8,12 @@ lockstep. It measures the same things lockstep writes to metrics.jsonl:
   lockstep's ``elapsed_s`` is (its clock starts before the first step, after the model and data
   are built, and stops after the last optimizer step).
 * target_tokens: positions whose label is not -100 after the model's one-token shift (labels
-  ``[..., 1:]``), counted on every micro-batch that ``Trainer.training_step`` receives: what the
-  loss really covered. lockstep's ``target_tokens`` count the same positions.
-* tokens: non-padding input tokens of those micro-batches.
-* losses: the logged loss of every optimizer step (logging_steps=1).
+  ``[..., 1:]``; a preference batch without labels: its ``completion_mask[..., 1:]``), counted on
+  every micro-batch that ``Trainer.training_step`` receives: what the loss really covered.
+  lockstep's ``target_tokens`` count the same positions.
+* tokens: non-padding input tokens of those micro-batches; rows: their rows (a preference
+  micro-batch holds a chosen and a rejected row per pair).
+* losses: the logged loss of every optimizer step (logging_steps=1); logs: every logged row.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class Probe(TrainerCallback):
         self.steps = 0
         self.target_tokens = 0
         self.tokens = 0
+        self.rows = 0
+        self.logs: list[dict] = []
         self.losses: list[float] = []
         self.model_info: dict = {}
 
@@ -43,9 +47,13 @@ class Probe(TrainerCallback):
 
         def training_step(self, model, inputs, *args, **kwargs):
             labels, ids = inputs.get("labels"), inputs.get("input_ids")
+            completion = inputs.get("completion_mask")
             if labels is not None:
                 probe.target_tokens += int((labels[..., 1:] != -100).sum())
+            elif completion is not None:
+                probe.target_tokens += int(completion[..., 1:].sum())
             if ids is not None:
+                probe.rows += ids.size(0)
                 probe.tokens += int((ids != probe.pad_token_id).sum())
             return original(self, model, inputs, *args, **kwargs)
 
@@ -71,6 +79,7 @@ class Probe(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
             self.losses.append(float(logs["loss"]))
+            self.logs.append({k: v for k, v in logs.items() if isinstance(v, (int, float))})
 
     def write(self, path: str | Path, **extra) -> None:
         result = {
@@ -78,7 +87,9 @@ class Probe(TrainerCallback):
             "steps": self.steps,
             "target_tokens": self.target_tokens,
             "tokens": self.tokens,
+            "rows": self.rows,
             "losses": self.losses,
+            "logs": self.logs,
             "model": self.model_info,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             **extra,

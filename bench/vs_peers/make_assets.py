@@ -8,7 +8,13 @@ Runs in lockstep's venv (torch + transformers) and writes, under --out:
   --seed, written by ``save_pretrained`` (safetensors, float32), plus the tokenizer. Every tool
   loads this same folder (lockstep: ``model.path: <folder>``).
 * ``data/train.jsonl``: --records alpaca records (``instruction``, ``input``, ``output``) from a
-  seeded generator, and ``data/dataset_info.json`` naming it for LLaMA-Factory.
+  seeded generator, and ``data/dataset_info.json`` naming it for LLaMA-Factory;
+* ``data/pairs.jsonl``: --pairs answer pairs in LLaMA-Factory's alpaca pairwise layout
+  (``instruction``, ``input``, ``chosen``, ``rejected``) for the preference benchmark
+  (``dpo.py``): the same tasks over 16-240 words (each row ~50-500 tokens), chosen = the right transformation of the words, rejected = another
+  task's transformation of the same words (plausible, wrong, and of another length). Both rows of
+  a pair (prompt + answer) fit in --max-tokens. ``data/check.jsonl`` holds the first --check-pairs
+  of them: one global batch, for the first-step agreement check.
 
 The tokenizer is lockstep's built-in one (``src/lockstep/model/builtin/tiny``: byte-level BPE,
 2,048 tokens, ChatML), copied as is, with one change to its chat template: the newline after
@@ -44,7 +50,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_demo_data import WORDS  # noqa: E402
 
-ASSETS_VERSION = 1  # bump when the generator or the model changes
+ASSETS_VERSION = 2  # bump when the generator or the model changes
 
 # ChatML, as in lockstep's built-in template, with the newline after <|im_end|> trained (see above)
 CHAT_TEMPLATE = """\
@@ -86,9 +92,9 @@ TASKS = {
 }
 
 
-def make_record(rng: random.Random) -> dict[str, str]:
+def make_record(rng: random.Random, words_range: tuple[int, int] = (2, 100)) -> dict[str, str]:
     task = rng.choice(list(TASKS))
-    n = round(math.exp(rng.uniform(math.log(2), math.log(100))))
+    n = round(math.exp(rng.uniform(*map(math.log, words_range))))
     words = [rng.choice(WORDS) for _ in range(n)]
     return {
         "instruction": f"{task}\n\n{' '.join(words)}",
@@ -117,6 +123,48 @@ def make_data(tok, n: int, seed: int, max_tokens: int) -> tuple[list[dict], list
     return records, lengths
 
 
+PAIR_WORDS = (16, 240)  # rows of ~50-500 tokens, median ~150: preference data's longer answers
+
+
+def make_pairs(tok, n: int, seed: int, max_tokens: int) -> tuple[list[dict], list[int]]:
+    """n answer pairs; their lengths are each pair's two rows together, in tokens."""
+    rng = random.Random(f"pairs-{seed}")
+    pairs, lengths = [], []
+    while len(pairs) < n:
+        rec = make_record(rng, PAIR_WORDS)
+        task, words = rec["instruction"].split("\n\n")
+        wrong = rng.choice([t for t in TASKS if TASKS[t](words.split()) != rec["output"]] or [None])
+        if wrong is None:
+            continue
+        pair = {
+            "instruction": rec["instruction"],
+            "input": "",
+            "chosen": rec["output"],
+            "rejected": TASKS[wrong](words.split()),
+        }
+        rows = [len(chatml_ids(tok, {**rec, "output": pair[k]})) for k in ("chosen", "rejected")]
+        if max(rows) <= max_tokens:
+            pairs.append(pair)
+            lengths.append(sum(rows))
+    return pairs, lengths
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+def _summary(lengths: list[int]) -> dict:
+    lengths = sorted(lengths)
+    return {
+        "tokens": sum(lengths),
+        "length_p50": lengths[len(lengths) // 2],
+        "length_p90": lengths[len(lengths) * 9 // 10],
+        "length_max": lengths[-1],
+    }
+
+
 def make_model(tok, seed: int, out: Path) -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -139,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--records", type=int, default=4000)
+    p.add_argument("--pairs", type=int, default=320, help="answer pairs to generate")
+    p.add_argument("--check-pairs", type=int, default=16, help="pairs in data/check.jsonl")
     p.add_argument("--max-tokens", type=int, default=500, help="longest record, in tokens")
     args = p.parse_args(argv)
 
@@ -148,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         "version": ASSETS_VERSION,
         "seed": args.seed,
         "records": args.records,
+        "pairs": args.pairs,
+        "check_pairs": args.check_pairs,
         "max_tokens": args.max_tokens,
         "model": MODEL,
     }
@@ -168,32 +220,39 @@ def main(argv: list[str] | None = None) -> None:
     params = make_model(tok, args.seed, model_dir)
 
     records, lengths = make_data(tok, args.records, args.seed, args.max_tokens)
-    with (data_dir / "train.jsonl").open("w", encoding="utf-8", newline="\n") as f:
-        for rec in records:
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    write_jsonl(data_dir / "train.jsonl", records)
+    pairs, pair_lengths = make_pairs(tok, args.pairs, args.seed, args.max_tokens)
+    write_jsonl(data_dir / "pairs.jsonl", pairs)
+    write_jsonl(data_dir / "check.jsonl", pairs[: args.check_pairs])
+    pair_columns = {"prompt": "instruction", "query": "input", "chosen": "chosen",
+                    "rejected": "rejected"}  # fmt: skip
     info = {
         "bench": {
             "file_name": "train.jsonl",
             "formatting": "alpaca",
             "columns": {"prompt": "instruction", "query": "input", "response": "output"},
-        }
+        },
+        **{
+            f"bench_{name}": {
+                "file_name": f"{name}.jsonl",
+                "formatting": "alpaca",
+                "ranking": True,
+                "columns": pair_columns,
+            }
+            for name in ("pairs", "check")
+        },
     }
     (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
-    lengths.sort()
-    summary = {
-        "parameters": params,
-        "records": len(records),
-        "tokens": sum(lengths),
-        "length_p50": lengths[len(lengths) // 2],
-        "length_p90": lengths[len(lengths) * 9 // 10],
-        "length_max": lengths[-1],
-    }
+    summary = {"parameters": params, "records": len(records), **_summary(lengths)}
+    summary["pairs"] = {"pairs": len(pairs), **_summary(pair_lengths)}
     done.write_text(json.dumps({"stamp": stamp, "summary": summary}, indent=2))
     print(
         f"assets: {params / 1e6:.1f}M-parameter model, {len(records)} records "
         f"(tokens per record: median {summary['length_p50']}, p90 {summary['length_p90']}, "
-        f"max {summary['length_max']}) in {args.out}"
+        f"max {summary['length_max']}), {len(pairs)} answer pairs (tokens per pair, both rows: "
+        f"median {summary['pairs']['length_p50']}, max {summary['pairs']['length_max']}) in "
+        f"{args.out}"
     )
 
 

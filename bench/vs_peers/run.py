@@ -275,16 +275,46 @@ def peer_spec(args, case: str, assets: Path, out: Path) -> Path:
 # ---------------------------------------------------------------- runs
 
 
-def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> dict:
-    out = WORK / "runs" / f"{tool}-{case.replace('+', '-')}-{rnd}"
+def fresh_folder(name: str) -> Path:
+    out = WORK / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    return out
+
+
+def run_process(cmd: list[str], out: Path) -> dict:
+    """Run one tool's training process (hub offline, no GPU, fresh caches under `out`), its
+    output in out/log.txt: wall s, peak RSS (the process and its children) and the log; with
+    "error" when it failed (the end of the log shown)."""
     env = {
         **os.environ,
         **ENV,
         "HF_DATASETS_CACHE": str(out / "hf_cache"),
         "HF_HOME": str(out / "hf_home"),
     }
+    logfile = out / "log.txt"
+    with logfile.open("w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    row = {
+        "wall_s": round(wall, 2),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        "log": str(logfile),
+    }
+    if code:
+        tail = logfile.read_text(errors="replace").splitlines()[-15:]
+        log(f"FAILED (exit {code}); last lines of {logfile}:\n  " + "\n  ".join(tail))
+        row["error"] = f"exit {code}"
+    return row
+
+
+def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> dict:
+    out = fresh_folder(f"{tool}-{case.replace('+', '-')}-{rnd}")
     if tool == "lockstep":
         cfg = lockstep_config(args, case, assets)
         cmd = [
@@ -303,30 +333,9 @@ def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> di
             str(HERE / f"run_{tool}.py"),
             str(peer_spec(args, case, assets, out)),
         ]
-    logfile = out / "log.txt"
-    with logfile.open("w") as f:
-        f.write("$ " + " ".join(cmd) + "\n")
-        f.flush()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    row = {
-        "tool": tool,
-        "case": case,
-        "round": rnd,
-        "wall_s": round(wall, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
-        "log": str(logfile),
-    }
-    if proc.returncode:
-        tail = logfile.read_text(errors="replace").splitlines()[-15:]
-        log(
-            f"{tool} {case} FAILED (exit {proc.returncode}); last lines of {logfile}:\n  "
-            + "\n  ".join(tail)
-        )
-        return {**row, "error": f"exit {proc.returncode}"}
+    row = {"tool": tool, "case": case, "round": rnd, **run_process(cmd, out)}
+    if "error" in row:
+        return row
     m = (
         lockstep_metrics(out / "run")
         if tool == "lockstep"

@@ -1,9 +1,15 @@
-"""One benchmark run of LLaMA-Factory's SFT; runs inside bench/.venvs/llamafactory (no lockstep).
+"""One benchmark run of LLaMA-Factory's SFT or DPO; runs inside bench/.venvs/llamafactory (no
+lockstep).
 
     bench/.venvs/llamafactory/bin/python bench/vs_peers/run_llamafactory.py SPEC.json
 
-SPEC.json (written by run.py): model, data, output_dir, result, steps, micro, accum,
-max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}.
+SPEC.json (written by run.py or dpo.py): model, data, output_dir, result, steps, micro, accum,
+max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}; for preference
+training also stage: dpo, dataset (its dataset_info.json name), loss (``pref_loss``: sigmoid,
+simpo or orpo), beta (``pref_beta``) and gamma (``simpo_gamma``). Its DPO keeps its defaults
+otherwise: with full fine-tuning a second copy of the model is the reference, computed at every
+step; with LoRA the adapters are disabled; pairs are padded to the longest row of the
+micro-batch.
 
 This is what ``llamafactory-cli train config.yaml`` does (``run_exp`` with the config as a dict,
 the same code path), plus a callback that measures (hf_probe.py). The config is written to
@@ -71,15 +77,20 @@ def main() -> None:
     from hf_probe import Probe
 
     lora = spec["lora"]
+    stage = {"stage": "sft", "dataset": "bench"}
+    if spec.get("stage") == "dpo":
+        stage = {
+            "stage": "dpo", "dataset": spec["dataset"], "pref_loss": spec["loss"],
+            "pref_beta": spec["beta"], "simpo_gamma": spec["gamma"], "pref_ftx": 0.0,
+        }  # fmt: skip
     args = {
-        "stage": "sft",
+        **stage,
         "do_train": True,
         "model_name_or_path": spec["model"],
         "trust_remote_code": False,
         "flash_attn": "sdpa",
         "disable_gradient_checkpointing": True,
         "template": "chatml",
-        "dataset": "bench",
         "dataset_dir": str(Path(spec["data"]).parent),
         "cutoff_len": spec["max_length"],
         "packing": spec["packing"],

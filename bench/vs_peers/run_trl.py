@@ -1,9 +1,11 @@
-"""One benchmark run of TRL's SFTTrainer; runs inside bench/.venvs/trl (no lockstep import).
+"""One benchmark run of TRL's SFTTrainer or DPOTrainer; runs inside bench/.venvs/trl (no
+lockstep import).
 
     bench/.venvs/trl/bin/python bench/vs_peers/run_trl.py SPEC.json
 
-SPEC.json (written by run.py): model, data, output_dir, result, steps, micro, accum,
-max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}.
+SPEC.json (written by run.py or dpo.py): model, data, output_dir, result, steps, micro, accum,
+max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}; for preference
+training also stage: dpo and beta.
 
 What TRL trains on: the alpaca records become conversations (user: instruction, plus a blank
 line and the input when there is one, as lockstep joins them; assistant: output), rendered by
@@ -33,7 +35,7 @@ import trl  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
-from trl import SFTConfig, SFTTrainer  # noqa: E402
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_probe import Probe  # noqa: E402
@@ -49,8 +51,86 @@ def to_messages(rec: dict) -> dict:
     }
 
 
+def to_pair(rec: dict) -> dict:
+    """An alpaca pairwise record as TRL's conversational preference example."""
+    user = f"{rec['instruction']}\n\n{rec['input']}" if rec.get("input") else rec["instruction"]
+    return {
+        "prompt": [{"role": "user", "content": user}],
+        "chosen": [{"role": "assistant", "content": rec["chosen"]}],
+        "rejected": [{"role": "assistant", "content": rec["rejected"]}],
+    }
+
+
+def lora_config(spec: dict) -> LoraConfig | None:
+    if spec["method"] != "lora":
+        return None
+    lora = spec["lora"]
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def dpo(spec: dict) -> None:
+    """DPOTrainer, sigmoid loss, its defaults otherwise: the reference computed live each step (a
+    frozen copy of the model for full fine-tuning; the adapters disabled for LoRA), chosen and
+    rejected rows padded to the longest of the micro-batch (its padding_free is unavailable for
+    DPO in this version). The prompt is the user turn; each answer the assistant turn, so the
+    trained tokens are ``{answer}<|im_end|>\n`` as in lockstep and LLaMA-Factory."""
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    data = load_dataset("json", data_files=spec["data"], split="train")
+    data = data.map(to_pair, remove_columns=data.column_names)
+    args = DPOConfig(
+        output_dir=spec["output_dir"],
+        max_steps=spec["steps"],
+        per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec["accum"],
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=spec["seed"],
+        max_length=spec["max_length"],
+        loss_type=["sigmoid"],
+        beta=spec["beta"],
+        gradient_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        model_init_kwargs={"dtype": "float32"},
+        dataloader_num_workers=0,
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+    )
+    probe = Probe(tokenizer.pad_token_id).install()
+    trainer = DPOTrainer(
+        model=spec["model"],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=lora_config(spec),
+        callbacks=[probe],
+    )
+    out = trainer.train()
+    trainer.save_model(str(Path(spec["output_dir"]) / "final"))
+    probe.write(
+        spec["result"],
+        tool="trl",
+        train_runtime=out.metrics.get("train_runtime"),
+        process_s=time.perf_counter() - T_START,
+        versions_extra={"trl": trl.__version__},
+    )
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
+    if spec.get("stage") == "dpo":
+        return dpo(spec)
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     data = load_dataset("json", data_files=spec["data"], split="train")
     data = data.map(to_messages, remove_columns=data.column_names)
@@ -79,16 +159,7 @@ def main() -> None:
         eval_strategy="no",
         report_to="none",
     )
-    peft_config = None
-    if spec["method"] == "lora":
-        lora = spec["lora"]
-        peft_config = LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
+    peft_config = lora_config(spec)
     probe = Probe(tokenizer.pad_token_id).install()
     trainer = SFTTrainer(
         model=spec["model"],
