@@ -116,11 +116,15 @@ def test_auto_picks_flash_only_where_it_runs(gpu, monkeypatch, tmp_path):
 
     for cfg, device, support, why in [
         (model_cfg(dtype="float32"), CUDA, FLASH_OK, "float32"),
-        (model_cfg(), CPU, FLASH_OK, "CUDA GPU"),
         (model_cfg(), CUDA, attention.Support("X", True, False, False), "does not support"),
     ]:
         choice = attention.choose(cfg, device, True, support)
         assert choice.name == "sdpa" and why in choice.reason and not choice.varlen
+    # on a CPU, rows of several samples get sdpa over each sample (lockstep_segments)
+    choice = attention.choose(model_cfg(), CPU, True, FLASH_OK)
+    assert choice.name == attention.SEGMENTS and "CUDA GPU" in choice.reason and choice.varlen
+    assert attention.choose(model_cfg(), CPU, False, FLASH_OK).name == "sdpa"  # one per row
+    assert attention.choose(model_cfg(), CPU, True, NO_SDPA).name == "eager"
 
     gpu(7, 5)  # Turing: flash-attn 2 needs Ampere or newer
     choice = attention.choose(model_cfg(), CUDA, True, FLASH_OK)
@@ -159,10 +163,10 @@ def test_explicit_kernel_that_cannot_run_is_refused_in_one_line(gpu, monkeypatch
 def test_padding_free_auto_follows_the_kernel(gpu, monkeypatch, tmp_path):
     install_flash_attn(monkeypatch, tmp_path)
 
-    def free(device=CUDA, support=FLASH_OK, **model) -> bool:
+    def free(device=CUDA, support=FLASH_OK, micro=4, **model) -> bool:
         cfg = RunConfig(
             model=model_cfg(**model),
-            batch={"micro_size": 4},
+            batch={"micro_size": micro},
             data={"train": [{"path": str(DEMO_DATA)}]},
         )
         return attention.padding_free(cfg, device, 100.0, support)
@@ -173,6 +177,16 @@ def test_padding_free_auto_follows_the_kernel(gpu, monkeypatch, tmp_path):
     assert not free(attn_implementation="eager")
     assert not free(dtype="float32")  # no flash in float32: sdpa runs
     assert free(device=CPU, attn_implementation="sdpa")  # short rows on a CPU: still worth it
+    assert free(device=CPU)  # lockstep_segments: no mask, whatever the row's length
+    assert free(device=CPU, attn_implementation="lockstep_segments")
+    assert not free(device=CPU, support=NO_SDPA, micro=64)  # eager: the row limit applies
+
+
+def test_explicit_lockstep_segments_needs_sdpa_support():
+    cfg = model_cfg(attn_implementation="lockstep_segments")
+    assert attention.choose(cfg, CPU, True, FLASH_OK).varlen
+    with pytest.raises(ConfigError, match="does not support sdpa"):
+        attention.choose(cfg, CPU, True, NO_SDPA)
 
 
 def test_model_support_is_read_from_the_class(tmp_path, monkeypatch):

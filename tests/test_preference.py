@@ -209,16 +209,19 @@ def test_row_log_probs_chunked_equal_the_plain_path():
     torch.testing.assert_close(chunked, per_token.sum(1), rtol=1e-5, atol=1e-4)
 
 
-def test_precomputed_reference_is_the_starting_models_and_is_read_back(tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_precomputed_reference_is_the_starting_models_and_is_read_back(tmp_path, padding_free):
     from conftest import DEMO_DATA
 
     from lockstep import config
     from lockstep.data.collate import collate
     from lockstep.data.dataset import build
     from lockstep.dist import Dist
+    from lockstep.model.attention import Choice
     from lockstep.model.load import load_tokenizer
     from lockstep.training import reference
     from lockstep.training.preference import PairPreference
+    from lockstep.training.state import Layout
 
     cfg = config.validate({
         "data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 64,
@@ -230,9 +233,11 @@ def test_precomputed_reference_is_the_starting_models_and_is_read_back(tmp_path)
     objective = PairPreference(Settings("dpo"), "precompute", chunk=16)
     trainee = objective.module(_model("full"))
     path = reference.table_path(cfg, samples, "weights", "sdpa")
-    first, how = reference.precomputed(cfg, Dist(), trainee, objective, samples, 0, path)
+    layout = Layout(padding_free, False, Choice("sdpa", "test"))
+    args = (cfg, Dist(), trainee, objective, samples, 0, path, layout)
+    first, how = reference.precomputed(*args)
     assert how.startswith("computed") and path.is_file()
-    again, how = reference.precomputed(cfg, Dist(), trainee, objective, samples, 0, path)
+    again, how = reference.precomputed(*args)
     assert how == f"read from {path}" and np.array_equal(first, again)
     ids = np.array([5, 6])
     batch = objective.prepare(ids, collate(samples, objective.rows(ids), 0, False, False))
@@ -241,3 +246,39 @@ def test_precomputed_reference_is_the_starting_models_and_is_read_back(tmp_path)
     with_table = PairPreference(Settings("dpo"), "precompute", chunk=16, table=first)
     out = trainee(with_table.prepare(ids, collate(samples, with_table.rows(ids), 0, False, False)))
     assert out[0].item() == pytest.approx(2 * math.log(2), rel=1e-5)  # the policy is the start
+
+
+def test_padding_free_pairs_give_the_padded_rows_log_probs_and_loss():
+    """A micro-batch of pairs with a PAD slot, padded (one answer per row) and padding-free (the
+    answers end to end, lockstep_segments): the same per-answer log-probabilities, loss and
+    metrics; the PAD slot is left out of both halves."""
+    from conftest import DEMO_DATA
+
+    from lockstep import config
+    from lockstep.data.collate import collate
+    from lockstep.data.dataset import build
+    from lockstep.data.order import PAD
+    from lockstep.model.attention import SEGMENTS
+    from lockstep.model.load import load_model, load_tokenizer
+    from lockstep.training.preference import ROW_TARGETS, PairPreference
+
+    cfg = config.validate({
+        "data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 64, "cache": False},
+        "model": {"path": "builtin:tiny"},
+    })  # fmt: skip
+    samples = build(cfg.data, load_tokenizer(cfg.model)).subset(list(range(8)))
+    model = load_model(cfg.model.model_copy(update={"attn_implementation": SEGMENTS}), 3)
+    objective = PairPreference(Settings("simpo"), "none", chunk=16)
+    loss = objective.module(model)
+    ids = np.array([2, PAD, 0])
+    out = {}
+    for free in (False, True):
+        batch = objective.prepare(ids, collate(samples, objective.rows(ids), 0, free, free))
+        out[free] = (loss.row_logps(model, batch), loss(batch), batch[ROW_TARGETS])
+    padded, free = out[False], out[True]
+    assert padded[0].shape == (6,) and free[0].shape == (4,)  # the PAD slot's two rows: gone
+    keep = [0, 2, 3, 5]  # chosen 2, chosen 0, rejected 2, rejected 0
+    torch.testing.assert_close(free[0], padded[0][keep], rtol=1e-5, atol=1e-4)
+    assert torch.equal(free[2], padded[2][keep])
+    torch.testing.assert_close(free[1], padded[1], rtol=1e-5, atol=1e-4)
+    assert free[1][0].item() != 0.0

@@ -53,15 +53,17 @@ class ModelConfig(Section):
     runs forward/backward in bfloat16 (mixed precision; frozen weights - a LoRA base, frozen
     blocks - are held in bfloat16); `same`: every weight in bfloat16 too (pure)."""
     trust_remote_code: bool = False
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = (
-        "auto"
-    )
+    attn_implementation: Literal[
+        "auto", "sdpa", "eager", "flash_attention_2", "flex_attention", "lockstep_segments"
+    ] = "auto"
     """`auto`: flash_attention_2 (variable-length, no mask) where samples share rows (packing,
     padding-free) and it can run: CUDA GPU of compute capability >= 8.0, dtype bfloat16/float16,
-    flash-attn that imports, a model class that supports it. Otherwise sdpa, or eager for a
-    class without sdpa (Gemma-2); rows of several samples then get a dense block-diagonal mask.
-    Never flex_attention (set it explicitly). A set kernel that cannot run is refused; the log
-    says which kernel runs and why (model/attention.py)."""
+    flash-attn that imports, a model class that supports it. Otherwise, on a CPU where samples
+    share rows and the class supports sdpa, lockstep_segments (sdpa over each sample of a row on its
+    own, no mask); otherwise sdpa, or eager for a class without sdpa (Gemma-2), rows of several
+    samples then getting a dense block-diagonal mask. Never flex_attention (set it explicitly).
+    A set kernel that cannot run is refused; the log says which kernel runs and why
+    (model/attention.py)."""
 
 
 class LoraSettings(Section):
@@ -191,8 +193,8 @@ class DataConfig(Section):
     attention stays inside each sample): no compute is spent on padding; the loss is unchanged.
     `auto`: on CUDA where flash_attention_2's variable-length kernel runs (see
     model.attn_implementation; with sdpa/eager a row would get a dense [T, T] mask); on a CPU
-    when a row stays short (micro_size x mean sample length <= 1024 tokens); never with
-    packing."""
+    where lockstep_segments runs (a model class with sdpa), otherwise when a row stays short
+    (micro_size x mean sample length <= 1024 tokens); never with packing."""
     group_by_length: bool = True
     """Inside each global batch, put samples of similar length into the same micro-batch (less
     padding). The step's set of samples is unchanged, so is the loss; a function of the batch."""
@@ -461,13 +463,11 @@ def _check_preference(cfg: RunConfig) -> None:
             "reference-free loss (preference.loss=simpo or orpo), or train.strategy=ddp"
         )
     refused = {
-        "data.packing": "answer pairs train in padded rows, one answer per row",
-        "data.padding_free": "answer pairs train in padded rows, one answer per row",
+        "data.packing": "a micro-batch holds each pair's two answers, not packed rows",
         "data.val_fraction": "held-out pairs come from data.eval (a file of pairs)",
     }
     set_ = {
         "data.packing": cfg.data.packing,
-        "data.padding_free": cfg.data.padding_free is True,
         "data.val_fraction": bool(cfg.data.val_fraction),
     }
     for key, why in refused.items():

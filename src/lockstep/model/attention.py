@@ -6,13 +6,19 @@ Every kernel lockstep runs keeps them apart:
 - flash_attention_2 gets the sample boundaries (`cu_seq_lens_q/k`, `max_length_q/k`,
   `varlen_kwargs`) with every batch and runs its variable-length kernel: no mask at all, and
   nothing for transformers to recompute in each layer.
+- lockstep_segments (SEGMENTS, lockstep's own, registered with transformers) gets the same
+  boundaries and runs sdpa on each sample of the row on its own, causal, with no mask: the
+  work of each sample alone, however long the row. A batch without boundaries (generation,
+  one sample per row) runs transformers' sdpa with its mask.
 - sdpa, eager and flex_attention get position ids that restart at every sample and no 2-D
   attention mask: transformers derives a block-diagonal causal mask from them (sdpa and eager:
-  a dense [rows, 1, length, length] mask; flex_attention: a block-sparse one).
+  a dense [rows, 1, length, length] mask, whose cost grows with the square of the row;
+  flex_attention: a block-sparse one).
 
 `model.attn_implementation: auto` picks flash_attention_2 where samples share rows and it can
 run (a CUDA GPU of compute capability 8.0 or newer, model.dtype bfloat16/float16, flash-attn
-that imports, a model class that supports it); otherwise sdpa, or eager for a model class
+that imports, a model class that supports it); otherwise, on a CPU where samples share rows
+and the model class supports sdpa, lockstep_segments; otherwise sdpa, or eager for a model class
 without sdpa (Gemma-2, whose soft-capping sdpa cannot do). It never picks flex_attention (not
 measured on GPUs by lockstep's tests): choose it explicitly. An explicitly requested kernel
 that cannot run is refused before the model loads. Before training on shared rows,
@@ -35,6 +41,7 @@ from lockstep.model.adapters import causal_lm
 from lockstep.model.load import load_config
 
 FLASH = "flash_attention_2"
+SEGMENTS = "lockstep_segments"  # sdpa over each sample of a shared row (segment_sdpa)
 FLASH_MIN_VERSION = (2, 3, 3)  # the oldest flash-attn 2 transformers accepts
 FLASH_SOFTCAP_VERSION = (2, 6, 0)  # the first that soft-caps attention logits (Gemma-2)
 UNKNOWN_CLASS = "the model class is not one transformers ships: its support is unknown"
@@ -65,8 +72,8 @@ class Choice:
 
     @property
     def varlen(self) -> bool:
-        """Batches carry the sample boundaries for the variable-length kernel."""
-        return self.name == FLASH
+        """Batches carry the sample boundaries for a variable-length kernel."""
+        return self.name in (FLASH, SEGMENTS)
 
 
 def model_support(cfg: ModelConfig) -> Support:
@@ -162,6 +169,8 @@ def choose(cfg: ModelConfig, device: torch.device, shared_rows: bool, support: S
     if shared_rows and flash_no is None:
         return Choice(FLASH, "auto: samples share rows; variable-length kernel, no mask")
     why = f"auto: flash_attention_2 not used: {flash_no}; " if flash_no else "auto: "
+    if shared_rows and support.sdpa and device.type == "cpu":
+        return Choice(SEGMENTS, why + "samples share rows; sdpa over each sample, no mask")
     rows = "rows of several samples get a block-diagonal mask from their position ids"
     rows = rows if shared_rows else "one sample per row"
     if support.sdpa is None:
@@ -181,9 +190,11 @@ def refuse_unrunnable(cfg: ModelConfig, device: torch.device, support: Support) 
                 f"model.attn_implementation={FLASH} cannot run: {problem}. Set "
                 "model.attn_implementation=auto (lockstep picks a kernel that runs), or fix that"
             )
-    supported = {"sdpa": support.sdpa, "flex_attention": support.flex}.get(asked)
-    if supported is False:
-        problem = no_sdpa(support) if asked == "sdpa" else f"{support.name} does not support it"
+    supported = {"sdpa": support.sdpa, SEGMENTS: support.sdpa, "flex_attention": support.flex}
+    if supported.get(asked) is False:
+        problem = (
+            no_sdpa(support) if asked != "flex_attention" else f"{support.name} does not support it"
+        )
         raise ConfigError(
             f"model.attn_implementation={asked}: {problem}. Set "
             "model.attn_implementation=auto (lockstep picks one the model supports) or eager"
@@ -196,8 +207,9 @@ def padding_free(
     """data.padding_free, with `auto` resolved for this device, model and data (see config.py).
 
     On a GPU only where the variable-length kernel runs: sdpa and eager would apply a dense
-    [T, T] mask over the whole row. On a CPU, sdpa's block-diagonal mask over the row costs the
-    square of its length: worth it only while rows stay short.
+    [T, T] mask over the whole row. On a CPU always where lockstep_segments runs (a model class
+    with sdpa); with another kernel, the block-diagonal mask over the row costs the square of
+    its length: worth it only while rows stay short.
     """
     choice = cfg.data.padding_free
     if choice != "auto":
@@ -208,7 +220,65 @@ def padding_free(
         return cfg.model.attn_implementation in ("auto", FLASH) and (
             flash_problem(cfg.model, device, support) is None
         )
+    if cfg.model.attn_implementation in ("auto", SEGMENTS) and support.sdpa:
+        return True  # lockstep_segments: each sample's own attention, whatever the row's length
     return cfg.batch.micro_size * mean_length <= CPU_ROW_LIMIT
+
+
+def segment_sdpa(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:  # fmt: skip
+    """lockstep_segments: attention for rows that hold several samples, each sample on its own.
+
+    query [rows, heads, T, d], key/value [rows, kv_heads, T, d]; `cu_seq_lens_q` (varlen_kwargs)
+    cuts the rows, laid end to end, into segments, and each segment gets causal sdpa alone: no
+    mask, no work across samples. A model's sliding window (`sliding_window`) limits a segment
+    longer than it with a banded mask. Without boundaries (generation, one sample per row) this
+    is transformers' sdpa with its mask. Returns [rows, T, heads, d], as transformers' kernels do.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = kwargs.get("cu_seq_lens_q")
+    if bounds is None:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    rows, heads, width, dim = query.shape
+    groups = heads // key.size(1)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:  # [rows, h, T, d] -> [1, heads, rows x T, d]
+        x = x.transpose(0, 1).reshape(1, x.size(1), rows * width, dim)
+        return x.repeat_interleave(groups, dim=1) if x.size(1) != heads else x
+
+    q, k, v = flat(query), flat(key), flat(value)
+    window = kwargs.get("sliding_window")
+    cuts = bounds.tolist()
+    out = []
+    for start, end in zip(cuts[:-1], cuts[1:], strict=True):
+        mask = None
+        if window and end - start > window:
+            i = torch.arange(end - start, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+        out.append(
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], attn_mask=mask,
+                dropout_p=dropout, is_causal=mask is None, scale=scaling,
+            )
+        )  # fmt: skip
+    merged = torch.cat(out, dim=2).reshape(heads, rows, width, dim)
+    return merged.permute(1, 2, 0, 3).contiguous(), None
+
+
+def register_segments() -> None:
+    """Make lockstep_segments known to transformers (its attention and, for batches without
+    sample boundaries, sdpa's mask) before a model loads with it (model/load.py)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SEGMENTS, segment_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SEGMENTS, sdpa_mask)
 
 
 def varlen_kwargs(position_ids: np.ndarray) -> dict[str, Any]:

@@ -88,7 +88,7 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
 
     `cfg.attn_implementation` is passed to transformers as it is; `auto` (a caller that did not
     resolve it with model/attention.choose) lets transformers pick: sdpa where the model class
-    supports it, else eager.
+    supports it, else eager. lockstep_segments is registered with transformers here.
 
     `quantize` ("4bit"/"8bit", QLoRA on CUDA): the weights are loaded quantised by bitsandbytes.
     """
@@ -97,6 +97,10 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
     where, fresh = resolve(cfg.path)
     dtype = weights_dtype(cfg)
     attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    if attn == "lockstep_segments":  # lockstep's own kernel: transformers learns it first
+        from lockstep.model.attention import register_segments
+
+        register_segments()
     common: dict = {"trust_remote_code": cfg.trust_remote_code}
     if quantize:
         from transformers import BitsAndBytesConfig

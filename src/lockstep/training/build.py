@@ -91,7 +91,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     if starting:  # before a checkpoint is loaded: the model is the starting one
         path = reference.table_path(cfg, samples, starting, layout.attention.name or "auto")
         table, how = reference.precomputed(
-            cfg, d, trainee, objective, samples, tokenizer.pad_token_id, path
+            cfg, d, trainee, objective, samples, tokenizer.pad_token_id, path, layout
         )
         objective = dataclasses.replace(objective, table=table)
         log.info(f"reference log-probabilities: {how}")
@@ -187,9 +187,7 @@ def choose_layout(cfg: RunConfig, d: Dist, samples: Samples) -> Layout:
     """Padding-free rows or not, and the attention kernel, for this model, device and data."""
     support = attention.model_support(cfg.model)
     mean_length = samples.token_count() / max(len(samples), 1)
-    # answer pairs train in padded rows (their log-probabilities are summed per row)
-    pairs = cfg.finetune.stage == "preference"
-    free = not pairs and attention.padding_free(cfg, d.device, mean_length, support)
+    free = attention.padding_free(cfg, d.device, mean_length, support)
     shared_rows = free or cfg.data.packing
     return Layout(
         free, cfg.data.packing, attention.choose(cfg.model, d.device, shared_rows, support)

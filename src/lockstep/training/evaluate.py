@@ -4,7 +4,8 @@ eval_loss = (the objective's summed loss over the eval set) / (its denominator o
 set), all-reduced over ranks, so it does not depend on the world size or the micro-batch size.
 Supervised fine-tuning: the cross entropy per target token, with eval_ppl = exp(eval_loss) and
 eval_tokens; preference training: the mean loss per pair, with eval_ METRICS (rewards, the share
-of pairs whose chosen answer the model finds likelier). Rank r evaluates units r, r+W, ...
+of pairs whose chosen answer the model finds likelier). Rank r evaluates every W-th unit by
+length (rank_share).
 """
 
 from __future__ import annotations
@@ -74,11 +75,15 @@ def eval_split(
     return samples, (load(data) if data is not None else None)
 
 
-def rank_share(units: int, d: Dist, micro_size: int) -> Iterator[np.ndarray]:
-    """The micro-batches of the units rank r takes (r, r+W, r+2W, ...). Every rank gets the
-    same number of them, a rank with fewer units ending on [PAD] ones: with FSDP each forward
-    gathers weights from all ranks."""
-    mine = np.arange(d.rank, units, d.world_size)
+def rank_share(lengths: np.ndarray, d: Dist, micro_size: int) -> Iterator[np.ndarray]:
+    """The micro-batches of the units rank r takes, `lengths` being every unit's length: the
+    units sorted longest first (ties by index), rank r taking the r-th, (r+W)-th, ... of them,
+    so that a micro-batch holds units of like lengths (little padding). Every rank gets the
+    same number of micro-batches, a rank with fewer units ending on [PAD] ones: with FSDP each
+    forward gathers weights from all ranks. What a pass sums over the units does not depend on
+    their order, so a pass gives the same result for any world size."""
+    units = len(lengths)
+    mine = np.argsort(-np.asarray(lengths), kind="stable")[d.rank :: d.world_size]
     for start in range(0, -(-units // d.world_size), micro_size):
         ids = mine[start : start + micro_size]
         yield ids if len(ids) else np.array([PAD])
@@ -103,7 +108,7 @@ def evaluate(
     engine.eval()
     sums = np.zeros(1 + len(objective.metrics))
     denominator = 0
-    for ids in rank_share(objective.units(samples), d, micro_size):
+    for ids in rank_share(objective.unit_lengths(samples), d, micro_size):
         rows = objective.rows(ids)
         batch = collate(samples, rows, pad_id, padding_free, varlen)
         batch = to_device(objective.prepare(ids, batch), d.device)

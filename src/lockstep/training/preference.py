@@ -158,21 +158,28 @@ class PairPreference:
         return int((np.asarray(ids) != PAD).sum())
 
     def prepare(self, ids: np.ndarray, batch: dict) -> dict:
-        """Host side: the flat target positions, their rows, each row's target count, the
-        pairs that hold answers (the micro-batch's PAD slots hold none) and, when precomputed,
-        the rows' reference log-probabilities."""
+        """Host side: the flat target positions, the answer (row) of each, each answer's target
+        count, the pairs that hold answers and, when precomputed, the answers' reference
+        log-probabilities. Padded rows: one answer per row, a PAD slot a row without targets.
+        Padding-free rows (position ids restarting at each answer): the answers end to end,
+        PAD slots left out of both halves (data/collate.py)."""
         labels = batch["labels"]
-        flat = labels.flatten()
-        at = (flat != IGNORE).nonzero().squeeze(1)
-        per_row = (labels != IGNORE).sum(dim=1)
-        m = labels.size(0) // 2
-        real = ((per_row[:m] > 0) & (per_row[m:] > 0)).nonzero().squeeze(1)
+        at = (labels.flatten() != IGNORE).nonzero().squeeze(1)
+        rows = self.rows(ids)
+        if "position_ids" in batch:
+            answer = torch.cumsum(batch["position_ids"].flatten() == 0, 0) - 1
+            count, of_target = int(answer[-1]) + 1, answer.index_select(0, at)
+            rows = rows[rows != PAD]
+        else:
+            count, of_target = labels.size(0), at // labels.size(1)
+        per_row = torch.bincount(of_target, minlength=count)
+        m = count // 2
+        real = ((per_row[:m] > 0) & (per_row[m : 2 * m] > 0)).nonzero().squeeze(1)
         out = {
-            **batch, TARGET_INDEX: at, TARGET_ROW: at // labels.size(1), ROW_TARGETS: per_row,
+            **batch, TARGET_INDEX: at, TARGET_ROW: of_target, ROW_TARGETS: per_row,
             REAL_PAIRS: real,
         }  # fmt: skip
         if self.table is not None:
-            rows = self.rows(ids)
             out[REF_LOGPS] = torch.from_numpy(np.where(rows == PAD, 0.0, self.table[rows]))
         return out
 
@@ -189,8 +196,8 @@ def reference_of(cfg) -> str:
 
 
 class PairLoss(torch.nn.Module):
-    """What trains in preference training: a micro-batch of pairs (2m rows: the m chosen
-    answers, then the m rejected ones) in; the sum of its pairs' losses, then the sums of
+    """What trains in preference training: a micro-batch of pairs (2m answers: the m chosen
+    ones, then the m rejected ones, one per row or end to end in one row) in; the sum of its pairs' losses, then the sums of
     METRICS, out (a vector). DDP and FSDP wrap this module."""
 
     def __init__(self, model: torch.nn.Module, settings: Settings, reference: str, chunk):
@@ -217,13 +224,12 @@ class PairLoss(torch.nn.Module):
         real = batch[REAL_PAIRS]
         counts = batch[ROW_TARGETS].to(logps.dtype)
 
-        def pick(x):
-            return None if x is None else x.index_select(0, real)
+        def pick(x, half):
+            return None if x is None else x[half * m : (half + 1) * m].index_select(0, real)
 
         lp = PairLogps(
-            chosen=pick(logps[:m]), rejected=pick(logps[m:]), chosen_tokens=pick(counts[:m]),
-            rejected_tokens=pick(counts[m:]), ref_chosen=pick(None if ref is None else ref[:m]),
-            ref_rejected=pick(None if ref is None else ref[m:]),
+            chosen=pick(logps, 0), rejected=pick(logps, 1), chosen_tokens=pick(counts, 0),
+            rejected_tokens=pick(counts, 1), ref_chosen=pick(ref, 0), ref_rejected=pick(ref, 1),
         )  # fmt: skip
         losses, reward_w, reward_l = pair_losses(self.settings, lp)
         return torch.cat([losses.sum().reshape(1), metric_sums(lp, reward_w, reward_l)])
@@ -262,5 +268,5 @@ class PairLoss(torch.nn.Module):
             logits = model(**inputs, use_cache=False).logits.float().flatten(0, 1)
             logps = torch.log_softmax(logits.index_select(0, at), dim=-1)
             logps = logps.gather(1, y[:, None]).squeeze(1)
-        sums = torch.zeros(labels.size(0), dtype=torch.float32, device=logps.device)
+        sums = torch.zeros(batch[ROW_TARGETS].numel(), dtype=torch.float32, device=logps.device)
         return sums.index_add(0, batch[TARGET_ROW], logps.float())

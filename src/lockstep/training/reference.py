@@ -2,8 +2,8 @@
 computed once before training and read back afterwards.
 
 The table holds one float per row of the pairs' samples (row 2i: pair i's chosen answer, 2i+1:
-its rejected one). It is computed by every rank together (rank r takes pairs r, r+W, ...; the
-shares are summed across ranks), through the trainee as it will train (its precision, its
+its rejected one). It is computed by every rank together (each rank takes every W-th pair by
+length: evaluate.rank_share; the shares are summed across ranks), through the trainee as it will train (its precision, its
 sharding) in eval mode, before any checkpoint is loaded into it. Rank 0 writes it next to the
 tokenised data as `reference-FINGERPRINT-KEY.npy`, KEY covering the starting weights (all of
 them, frozen ones included), the dtype and the kernel; a second run or a resume on the same data
@@ -32,6 +32,7 @@ from lockstep.model.attention import to_device
 from lockstep.training import parallel
 from lockstep.training.evaluate import rank_share
 from lockstep.training.preference import REFERENCE_PASS, PairPreference
+from lockstep.training.state import Layout
 
 
 def table_path(cfg: RunConfig, samples: Samples, starting_weights: str, kernel: str) -> Path:
@@ -50,15 +51,16 @@ def table_hash(table: np.ndarray | None) -> str:
 
 def precomputed(
     cfg: RunConfig, d: Dist, trainee: torch.nn.Module, objective: PairPreference,
-    samples: Samples, pad_id: int, path: Path,
+    samples: Samples, pad_id: int, path: Path, layout: Layout,
 ) -> tuple[np.ndarray, str]:  # fmt: skip
-    """(the table, what happened: read from PATH / computed in S s, cached in PATH)."""
+    """(the table, what happened: read from PATH / computed in S s, cached in PATH). `layout`:
+    the micro-batch layout training uses (padding-free rows or not), the pass's too."""
     table = read(path, len(samples))
     # every rank read it, or every rank computes it (the pass is collective)
     if all_reduce_sum([float(table is not None)], d)[0] == d.world_size:
         return table, f"read from {path}"
     started = time.perf_counter()
-    table = compute(cfg, d, trainee, objective, samples, pad_id)
+    table = compute(cfg, d, trainee, objective, samples, pad_id, layout)
     took = time.perf_counter() - started
     with main_first(d, "writes the reference log-probabilities"):
         if d.is_main and cfg.data.cache:
@@ -83,20 +85,24 @@ def read(path: Path, rows: int) -> np.ndarray | None:
 @torch.no_grad()
 def compute(
     cfg: RunConfig, d: Dist, trainee: torch.nn.Module, objective: PairPreference,
-    samples: Samples, pad_id: int,
+    samples: Samples, pad_id: int, layout: Layout,
 ) -> np.ndarray:  # fmt: skip
     """Every row's log-probability under the trainee's model as it is now (all ranks take part,
-    each running the same number of micro-batches: evaluate.rank_share)."""
+    each running the same number of micro-batches, pairs of like lengths together:
+    evaluate.rank_share)."""
     table = torch.zeros(len(samples), dtype=torch.float64, device=d.device)
     was = trainee.training
     trainee.eval()
     try:
-        for ids in rank_share(objective.units(samples), d, cfg.batch.micro_size):
+        for ids in rank_share(objective.unit_lengths(samples), d, cfg.batch.micro_size):
             rows = objective.rows(ids)
-            batch = collate(samples, rows, pad_id, False, False)
+            batch = collate(samples, rows, pad_id, layout.padding_free, layout.attention.varlen)
             batch = {**objective.prepare(ids, batch), REFERENCE_PASS: torch.ones(())}
             with parallel.autocast(cfg, d):
                 logps = trainee(to_device(batch, d.device)).double()
+            if layout.padding_free:  # the answers end to end, PAD slots left out
+                rows = rows[rows != PAD]
+                logps = logps[: len(rows)]
             real = torch.from_numpy(rows != PAD).to(d.device)
             at = torch.from_numpy(np.where(rows == PAD, 0, rows)).to(d.device)
             table.index_add_(0, at[real], logps[real])
