@@ -79,6 +79,11 @@ class LoraSettings(Section):
     use_dora: bool = False
     quantize: Literal["4bit", "8bit"] | None = None
     """QLoRA: load the base model quantised with bitsandbytes (CUDA only)."""
+    init_from: str | None = Field(None, min_length=1)
+    """A PEFT LoRA adapter folder (adapter_config.json and its weights, e.g. a LoRA run's
+    OUTPUT/final) to start from instead of a fresh adapter. The adapter decides r, alpha,
+    dropout, target_modules, target_parameters, use_rslora and use_dora (a config that sets one
+    to another value is refused); a resumed run restores its checkpoint, not the adapter."""
 
 
 class FreezeSettings(Section):
@@ -116,7 +121,8 @@ class PreferenceConfig(Section):
     model with its adapters disabled (no copy; a forward pass more per micro-batch);
     `precompute`: one pass of the starting model over the data before training, cached next
     to the tokenised data and read back on resume; `live`: a frozen copy of the starting
-    model beside the one that trains; `auto`: adapters_off with LoRA, else precompute."""
+    model beside the one that trains; `auto`: adapters_off with LoRA (not from
+    finetune.lora.init_from), else precompute."""
 
 
 class DatasetConfig(Section):
@@ -363,6 +369,11 @@ def check_world(cfg: RunConfig, world_size: int) -> None:
 
 def _check_combinations(cfg: RunConfig) -> None:
     """Values each valid alone that do not go together."""
+    if cfg.finetune.lora.init_from and cfg.finetune.method != "lora":
+        raise ConfigError(
+            f"finetune.lora.init_from starts LoRA from an adapter, but finetune.method="
+            f"{cfg.finetune.method}: set finetune.method=lora (or drop finetune.lora.init_from)"
+        )
     if cfg.eval.every_steps and not (cfg.data.eval or cfg.data.val_fraction):
         raise ConfigError(
             "eval.every_steps is set but there is nothing to evaluate on: set data.eval "

@@ -104,7 +104,7 @@ def load_checked(args: argparse.Namespace) -> config_mod.RunConfig:
     what a process checks first, once (`lockstep train` passes the result on to `run`)."""
     from lockstep.training.evaluate import check_eval_files
 
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = adapters.resolve_init_from(config_mod.load(args.config, args.overrides))
     check_files(cfg.data)
     check_eval_files(cfg)
     return cfg

@@ -61,8 +61,10 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         cfg.seed,
         lambda data: build_samples(data, d, tokenizer, "the eval data", pairs),
     )
+    adapter_sha = adapters.init_from_digest(cfg.finetune)
     if resumed:
         checkpoint.check_data_change(resumed, samples.fingerprint, cfg)
+        checkpoint.check_init_from_change(resumed, adapter_sha, cfg)
     data_rank, data_world = opts.as_rank or (d.rank, d.world_size)
     inputs = faults.inject(cfg.testing, data_rank, faults.Inputs(cfg.seed, samples))
     cfg, samples = cfg.model_copy(update={"seed": inputs.seed}), inputs.samples
@@ -77,7 +79,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         return None
 
     layout = choose_layout(cfg, d, samples)
-    model = build_model(cfg, cfg.seed, d, layout.attention)
+    model = build_model(cfg, cfg.seed, d, layout.attention, from_adapter=resumed is None)
     isolation = check_isolation(cfg, d, model, layout.attention) if layout.shared_rows else ""
     weights_sharded = parallel.shards_weights(cfg, d)
     # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
@@ -101,7 +103,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
              f"{isolation})")  # fmt: skip
     weights = built or params_checksum(model)
     check_lockstep(
-        fingerprint_fields(cfg, samples, order, weights, start_step, objective),
+        fingerprint_fields(cfg, samples, order, weights, start_step, objective, adapter_sha),
         d, "after building",
     )  # fmt: skip
     trainee = parallel.replicate(cfg, d, trainee)
@@ -128,7 +130,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         ids_log=sample_id_log(cfg, data_rank, data_world, start_step),
         bar=tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train",
                  unit="step", mininterval=0.5),
-        window=LogWindow(checkpoint.log_window(resumed)),
+        window=LogWindow(checkpoint.log_window(resumed)), adapter_sha=adapter_sha,
     )  # fmt: skip
 
 
@@ -196,13 +198,21 @@ def choose_layout(cfg: RunConfig, d: Dist, samples: Samples) -> Layout:
     )
 
 
-def build_model(cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice) -> torch.nn.Module:
-    """The model as it trains: loaded or initialised, adapters applied, on this rank's device,
-    with the attention kernel `attn` (model/attention.choose)."""
+def build_model(
+    cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice, from_adapter: bool = True
+) -> torch.nn.Module:
+    """The model as it trains: loaded or initialised, adapters applied (with `from_adapter`,
+    a new run's, the weights of finetune.lora.init_from), on this rank's device, with the
+    attention kernel `attn` (model/attention.choose)."""
     quantize = cfg.finetune.lora.quantize if cfg.finetune.method == "lora" else None
     mcfg = cfg.model.model_copy(update={"attn_implementation": attn.name or "auto"})
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
+    if from_adapter and cfg.finetune.method == "lora" and cfg.finetune.lora.init_from:
+        logmod.get().info(f"finetune: {adapters.load_init_from(cfg, model)}")
+        warning = adapters.init_from_base_warning(cfg)
+        if warning:
+            logmod.get().warning(warning)
     if not quantize:  # a quantised model is placed on its device as it loads
         if not parallel.shards_weights(cfg, d):  # FSDP keeps one dtype per unit
             hold_frozen_in_compute_dtype(cfg, model)

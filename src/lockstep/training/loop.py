@@ -185,11 +185,14 @@ def save(run: Run, done: int) -> Path | None:
     # FSDP: each weight lives on one rank only, so there is nothing to compare; it was when built
     sharded = parallel.shards_weights(run.cfg, run.d)
     weights = "sharded" if sharded else params_checksum(run.model)
-    fields = fingerprint_fields(run.cfg, run.samples, run.order, weights, done, run.objective)
+    fields = fingerprint_fields(
+        run.cfg, run.samples, run.order, weights, done, run.objective, run.adapter_sha
+    )
     check_lockstep(fields, run.d, f"checkpoint {done}")
     state = checkpoint.run_state(
-        run.cfg, run.order, done, run.samples.fingerprint, run.window.losses
-    )
+        run.cfg, run.order, done, run.samples.fingerprint, run.window.losses,
+        {"init_from_adapter": run.adapter_sha} if run.adapter_sha else {},
+    )  # fmt: skip
     return run.saver.save(done, run.model, run.optimizer, run.scheduler, state, run.cfg)
 
 
