@@ -271,7 +271,18 @@ class EvalConfig(Section):
 class LogConfig(Section):
     every_steps: PosInt = 1
     tensorboard: bool = False
-    """Also write TensorBoard event files (train and eval scalars) to OUTPUT/tensorboard/."""
+    """Also write TensorBoard event files (train and eval scalars) to OUTPUT/tensorboard/: the
+    same as listing tensorboard in log.trackers."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Where rank 0 also sends every metrics.jsonl row (its numbers, at its step), with the
+    config, seed and config hash as the run's parameters; a resumed run continues the same
+    tracker run. tensorboard: OUTPUT/tensorboard/; wandb: Weights & Biases (WANDB_MODE=offline
+    keeps it in OUTPUT/wandb/); mlflow: MLFLOW_TRACKING_URI, else a file store in
+    OUTPUT/mlruns. Each is an extra: pip install 'lockstep-finetune[wandb]' (or [mlflow])."""
+    project: str = Field("lockstep", min_length=1)
+    """The W&B project and the MLflow experiment of log.trackers' runs."""
+    run_name: str | None = Field(None, min_length=1)
+    """The trackers' name of the run; None: the output_dir's folder name."""
     sample_ids: bool = False
     """Each rank writes the sample ids of every micro-batch to OUTPUT/sample_ids/ (debugging)."""
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lockstep import config as config_mod
+from lockstep import trackers
 from lockstep.config import DataConfig, RunConfig
 from lockstep.data import cache, templates
 from lockstep.data.dataset import Samples, describe
@@ -118,7 +119,11 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     metrics_file = out / (replay_name(data_rank, data_world) if opts.as_rank else "metrics.jsonl")
     if d.is_main:
         truncate_after(metrics_file, start_step)  # rows past the checkpoint: redone
-    tensorboard = out / "tensorboard" if cfg.log.tensorboard and not opts.as_rank else None
+    tracking = d.is_main and not opts.as_rank  # a replay logs to no tracker
+    resumed_ids = resumed.state.get("trackers", {}) if resumed else {}
+    opened = trackers.open_all(cfg, out, resumed_ids) if tracking else []
+    if opened:
+        log.info(f"trackers: {trackers.describe(opened)}")
     return Run(
         cfg=cfg, d=d, opts=opts, resumed=resumed, data_rank=data_rank, data_world=data_world,
         tokenizer=tokenizer, samples=samples, eval_samples=eval_samples, order=order,
@@ -126,7 +131,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         trainee=trainee, optimizer=optimizer, scheduler=scheduler,
         batches=faults.failing(batches, inputs.fail_at, start_step, order.accumulation),
         saver=None if opts.as_rank else checkpoint.Saver.for_run(cfg, d, tokenizer),
-        metrics=MetricsWriter(metrics_file, enabled=d.is_main, tensorboard=tensorboard),
+        metrics=MetricsWriter(metrics_file, enabled=d.is_main, trackers=opened),
         ids_log=sample_id_log(cfg, data_rank, data_world, start_step),
         bar=tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train",
                  unit="step", mininterval=0.5),

@@ -116,9 +116,10 @@ class Run:
     def replay(self) -> bool:
         return self.opts.as_rank is not None
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """Close the outputs; the trackers' runs end as `status` (finished, failed, stopped)."""
         self.bar.close()
-        self.metrics.close()
+        self.metrics.close(status)
         if self.ids_log:
             self.ids_log.close()
 
