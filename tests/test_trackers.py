@@ -155,3 +155,52 @@ def test_only_rank_0_logs(tmp_path, alpaca_file):
     state = json.loads((out / "checkpoints" / "step-00000003" / "state.json").read_text())
     history, _, _ = wandb_run(out, state["trackers"]["wandb"])
     assert series(history, "loss") == series(rows, "loss") and len(rows) == 3
+
+
+class Recorder:
+    """A tracker that keeps what it is given; `fail_at`: the step whose log raises."""
+
+    name, run_id, where = "recorder", "r1", "here"
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.logged, self.closed, self.fail_at = [], None, fail_at
+
+    def log(self, step, values):
+        if step == self.fail_at:
+            raise OSError("No space left on device")
+        self.logged.append((step, dict(values)))
+
+    def close(self, status):
+        self.closed = status
+
+
+def test_the_writer_fans_every_row_out_and_drops_a_failing_tracker(tmp_path):
+    import logging
+
+    from lockstep.report.metrics import MetricsWriter
+
+    warned: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("lockstep").addHandler(handler)
+
+    good, bad = Recorder(), Recorder(fail_at=2)
+    bad.name = "flaky"
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", trackers=[good, bad])
+    rows = [{"step": 1, "loss": 2.5, "batch_sha": "ab12", "tokens": 40, "replay": "0/2"},
+            {"step": 2, "eval_loss": 2.25, "eval_tokens": 12, "ok": True},
+            {"step": 3, "loss": 2.0}]  # fmt: skip
+    for row in rows:
+        writer.write(row)
+    assert writer.run_ids() == {"recorder": "r1"}
+    writer.close("stopped")
+    logging.getLogger("lockstep").removeHandler(handler)
+    assert read(tmp_path / "metrics.jsonl") == rows
+    assert good.logged == [(1, {"loss": 2.5, "tokens": 40}), (2, {"eval_loss": 2.25,
+                           "eval_tokens": 12}), (3, {"loss": 2.0})]  # fmt: skip
+    assert bad.logged == [(1, {"loss": 2.5, "tokens": 40})] and bad.closed is None
+    assert good.closed == "stopped"
+    assert warned == [
+        "log.trackers: flaky failed to log (No space left on device); training goes on without "
+        "it (metrics.jsonl has every row)"
+    ]
