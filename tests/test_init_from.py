@@ -160,3 +160,24 @@ def test_an_adapter_of_another_base_is_a_warning(tmp_path, fake_adapter):
         "finetune.lora.init_from: the adapter was trained on some/base, this run's model.path is "
         "builtin:tiny; training goes on from it if they are the same model"
     )
+
+
+@pytest.mark.slow
+def test_preference_training_from_an_adapter_is_referenced_to_it(tmp_path, adapter_run):
+    """DPO's first loss is ln 2 when the reference is the starting model: the base with the
+    adapter (auto: precomputed); against the base alone (adapters_off) it is not."""
+    out, _ = adapter_run
+    pairs = {"train": [{"path": "builtin:demo_pairs.jsonl", "format": "alpaca"}],
+             "max_length": 64}  # fmt: skip
+    lora = {"stage": "preference", "method": "lora", "lora": {"init_from": str(out / "final")}}
+    first = {}
+    for reference in ("auto", "adapters_off"):
+        folder = tmp_path / reference
+        folder.mkdir()
+        cfg = small_config(folder, model={"path": str(out / "base")}, finetune=lora, data=pairs,
+                           preference={"reference": reference}, train={"max_steps": 1})  # fmt: skip
+        res = run_cli("train", str(cfg))
+        assert res.returncode == 0, res.stderr
+        first[reference] = read(folder / "out" / "metrics.jsonl")[0]["loss"]
+    assert first["auto"] == pytest.approx(0.693147, abs=1e-5)
+    assert abs(first["adapters_off"] - 0.693147) > 2e-4  # 8e-4: three steps moved the adapter

@@ -80,12 +80,14 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         return None
 
     layout = choose_layout(cfg, d, samples)
-    model = build_model(cfg, cfg.seed, d, layout.attention, from_adapter=resumed is None)
+    precompute = getattr(objective, "reference", None) == "precompute"
+    # a resume restores the checkpoint's weights; the precomputed reference (computed, or found
+    # by the starting weights' checksum) is of the starting model: the init_from adapter's
+    model = build_model(cfg, cfg.seed, d, layout.attention, resumed is None or precompute)
     isolation = check_isolation(cfg, d, model, layout.attention) if layout.shared_rows else ""
     weights_sharded = parallel.shards_weights(cfg, d)
     # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
     built = params_checksum(model) if weights_sharded else None
-    precompute = getattr(objective, "reference", None) == "precompute"
     starting = params_checksum(model, trainable_only=False) if precompute else None
     trainee = parallel.prepare(cfg, d, model, objective)  # FSDP shards `model` in place
     # the optimizer takes the parameters as FSDP registered them, before any forward pass
