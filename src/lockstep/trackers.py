@@ -169,9 +169,8 @@ class WandB:
                 "WANDB_MODE=offline to keep the run in OUTPUT/wandb/; `wandb sync` uploads it)"
             ) from None
         self.run.define_metric("*", step_metric="step")
-        mode = "offline" if self.run.settings.mode == "offline" else "online"
         resumed = "continued" if run_id else "new"
-        self.where = f"run {self.run_id} ({resumed}, {mode}) in {out / 'wandb'}"
+        self.where = f"run {self.run_id} ({resumed}, {self.run.settings.mode}) in {out / 'wandb'}"
 
     def log(self, step: int, values: Mapping[str, float]) -> None:
         self.run.log({**values, "step": step})
