@@ -95,11 +95,12 @@ def open_all(cfg: RunConfig, out: Path, run_ids: Mapping[str, str]) -> list[Trac
 
 
 def describe(trackers: Iterable[Tracker]) -> str:
-    """The start-up line's words: `wandb run 3f9c2a1b0d4e (offline) in OUTPUT/wandb, ...`."""
+    """The start-up line's words: `wandb run 3f9c2a1b0d4e (new, offline) in OUTPUT/wandb; ...`."""
     return "; ".join(f"{t.name} {t.where}" for t in trackers)
 
 
 def close_all(trackers: Iterable[Tracker], status: str) -> None:
+    """End each tracker's run as `status`: finished, failed, stopped."""
     for tracker in trackers:
         tracker.close(status)
 

@@ -57,8 +57,10 @@ class MetricsWriter:
             self._f.close()
             self._f = None
         trackers, self.trackers = self.trackers, []
-        for tracker in trackers:
-            tracker.close(status)
+        if trackers:
+            from lockstep.trackers import close_all
+
+            close_all(trackers, status)
 
 
 def read(path: str | Path) -> list[dict[str, Any]]:
