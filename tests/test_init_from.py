@@ -156,6 +156,11 @@ def test_an_adapter_of_another_base_is_a_warning(tmp_path, fake_adapter):
     cfg = resolve_init_from(load(small_config(tmp_path, finetune=lora)))
     assert (cfg.finetune.lora.r, cfg.finetune.lora.alpha) == (4, 8)
     assert cfg.finetune.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.finetune.lora.dropout == 0.0  # the adapter's
+    lora["lora"]["dropout"] = 0.1  # a training setting: the config's own value wins
+    assert resolve_init_from(load(small_config(tmp_path, finetune=lora))).finetune.lora == (
+        cfg.finetune.lora.model_copy(update={"dropout": 0.1})
+    )
     assert init_from_base_warning(cfg) == (
         "finetune.lora.init_from: the adapter was trained on some/base, this run's model.path is "
         "builtin:tiny; training goes on from it if they are the same model"

@@ -82,8 +82,9 @@ class LoraSettings(Section):
     init_from: str | None = Field(None, min_length=1)
     """A PEFT LoRA adapter folder (adapter_config.json and its weights, e.g. a LoRA run's
     OUTPUT/final) to start from instead of a fresh adapter. The adapter decides r, alpha,
-    dropout, target_modules, target_parameters, use_rslora and use_dora (a config that sets one
-    to another value is refused); a resumed run restores its checkpoint, not the adapter."""
+    target_modules, target_parameters, use_rslora and use_dora (a config that sets one to
+    another value is refused) and dropout unless the config sets it; a resumed run restores
+    its checkpoint, not the adapter."""
 
 
 class FreezeSettings(Section):

@@ -33,6 +33,9 @@ INIT_FROM_DECIDES = {
 # adapter_config.json keys lockstep cannot reproduce when they hold anything
 INIT_FROM_UNSUPPORTED = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# of those, what the config may set otherwise: a training setting, not part of the adapter's
+# function (it takes the adapter's value when the config does not set it)
+INIT_FROM_DEFAULTS_ONLY = ("dropout",)
 
 
 def check_supported(cfg: FinetuneConfig) -> None:
@@ -106,12 +109,15 @@ def init_from_settings(raw: dict[str, Any], folder: str) -> dict[str, Any]:
 def resolve_init_from(cfg: RunConfig) -> RunConfig:
     """`cfg` with finetune.lora's settings taken from its init_from adapter (unchanged without
     one). A setting the config file sets itself to another value is a ConfigError naming both
-    values and the fix: the adapter decides it."""
+    values and the fix: the adapter decides it (but for INIT_FROM_DEFAULTS_ONLY, where the
+    config's own value wins)."""
     lora = cfg.finetune.lora
     if not lora.init_from:
         return cfg
     raw, _ = adapter_files(lora.init_from)
     found = init_from_settings(raw, lora.init_from)
+    found = {k: v for k, v in found.items()
+             if not (k in INIT_FROM_DEFAULTS_ONLY and k in lora.model_fields_set)}  # fmt: skip
     for key, value in found.items():
         mine = getattr(lora, key)
         same = sorted(mine) == value if isinstance(mine, list) and isinstance(value, list) else (
