@@ -186,3 +186,16 @@ def test_preference_training_from_an_adapter_is_referenced_to_it(tmp_path, adapt
         first[reference] = read(folder / "out" / "metrics.jsonl")[0]["loss"]
     assert first["auto"] == pytest.approx(0.693147, abs=1e-5)
     assert abs(first["adapters_off"] - 0.693147) > 2e-4  # 8e-4: three steps moved the adapter
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_one_line(tmp_path, fake_adapter):
+    """Its weights (here one named `x`) have no place in model.path's LoRA layers."""
+    lora = {"method": "lora", "lora": {"init_from": str(fake_adapter)}}
+    res = run_cli("train", str(small_config(tmp_path, finetune=lora)))
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"lockstep: error: finetune.lora.init_from: the adapter {fake_adapter} does not fit "
+        "model.path=builtin:tiny: 1 weights model.path has no place for, e.g. 'x'"
+    )
+    assert "Traceback" not in res.stderr
