@@ -81,6 +81,12 @@ class LoraSettings(Section):
     use_dora: bool = False
     quantize: Literal["4bit", "8bit"] | None = None
     """QLoRA: load the base model quantised with bitsandbytes (CUDA only)."""
+    init_from: str | None = Field(None, min_length=1)
+    """A PEFT LoRA adapter folder (adapter_config.json and its weights, e.g. a LoRA run's
+    OUTPUT/final) to start from instead of a fresh adapter. The adapter decides r, alpha,
+    target_modules, target_parameters, use_rslora and use_dora (a config that sets one to
+    another value is refused) and dropout unless the config sets it; a resumed run restores
+    its checkpoint, not the adapter."""
 
 
 class FreezeSettings(Section):
@@ -118,7 +124,8 @@ class PreferenceConfig(Section):
     model with its adapters disabled (no copy; a forward pass more per micro-batch);
     `precompute`: one pass of the starting model over the data before training, cached next
     to the tokenised data and read back on resume; `live`: a frozen copy of the starting
-    model beside the one that trains; `auto`: adapters_off with LoRA, else precompute."""
+    model beside the one that trains; `auto`: adapters_off with LoRA (not from
+    finetune.lora.init_from), else precompute."""
 
 
 class DatasetConfig(Section):
@@ -267,7 +274,18 @@ class EvalConfig(Section):
 class LogConfig(Section):
     every_steps: PosInt = 1
     tensorboard: bool = False
-    """Also write TensorBoard event files (train and eval scalars) to OUTPUT/tensorboard/."""
+    """Also write TensorBoard event files (train and eval scalars) to OUTPUT/tensorboard/: the
+    same as listing tensorboard in log.trackers."""
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Where rank 0 also sends every metrics.jsonl row (its numbers, at its step), with the
+    config, seed and config hash as the run's parameters; a resumed run continues the same
+    tracker run. tensorboard: OUTPUT/tensorboard/; wandb: Weights & Biases (WANDB_MODE=offline
+    keeps it in OUTPUT/wandb/); mlflow: MLFLOW_TRACKING_URI, else a file store in
+    OUTPUT/mlruns. Each is an extra: pip install 'lockstep-finetune[wandb]' (or [mlflow])."""
+    project: str = Field("lockstep", min_length=1)
+    """The W&B project and the MLflow experiment of log.trackers' runs."""
+    run_name: str | None = Field(None, min_length=1)
+    """The trackers' name of the run; None: the output_dir's folder name."""
     sample_ids: bool = False
     """Each rank writes the sample ids of every micro-batch to OUTPUT/sample_ids/ (debugging)."""
 
@@ -365,6 +383,11 @@ def check_world(cfg: RunConfig, world_size: int) -> None:
 
 def _check_combinations(cfg: RunConfig) -> None:
     """Values each valid alone that do not go together."""
+    if cfg.finetune.lora.init_from and cfg.finetune.method != "lora":
+        raise ConfigError(
+            f"finetune.lora.init_from starts LoRA from an adapter, but finetune.method="
+            f"{cfg.finetune.method}: set finetune.method=lora (or drop finetune.lora.init_from)"
+        )
     if cfg.eval.every_steps and not (cfg.data.eval or cfg.data.val_fraction):
         raise ConfigError(
             "eval.every_steps is set but there is nothing to evaluate on: set data.eval "

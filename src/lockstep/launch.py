@@ -1,8 +1,11 @@
 """The world plan: how many processes where, in-process or torchrun; the parallel-mode guard.
 
-Precedence for every launch value: command-line flag > environment variable > config file.
+Precedence for every launch value: command-line flag > environment variable > a launch.* value
+the config file sets > SLURM's allocation (under srun/sbatch) > launch.*'s default.
 The environment variables are the ones other fine-tuning tools use: NPROC_PER_NODE, NNODES,
-NODE_RANK, MASTER_ADDR, MASTER_PORT.
+NODE_RANK, MASTER_ADDR, MASTER_PORT. Under SLURM the world comes from SLURM_NNODES,
+SLURM_NODEID, the first host of SLURM_JOB_NODELIST, SLURM_GPUS_ON_NODE (or
+SLURM_NTASKS_PER_NODE) and a port derived from SLURM_JOB_ID (slurm_values).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -31,6 +34,8 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 FAILURE_DIR_ENV = "LOCKSTEP_FAILURE_DIR"  # set by `lockstep train` for the processes it starts
 LAUNCHER_RECORD = "launcher.json"  # torchrun's record of how its workers ended (lockstep.torchrun)
 PR_SET_PDEATHSIG = 1  # prctl(2) option: a signal this process gets when its parent dies
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # the rendezvous port every node derives
+LAUNCH_KEYS = ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port")
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,7 @@ class WorldPlan:
     master_addr: str
     master_port: int | None
     max_restarts: int
+    sources: tuple[tuple[str, str], ...] = ()  # (key, where its value came from), LAUNCH_KEYS
 
     @property
     def world_size(self) -> int:
@@ -57,7 +63,17 @@ class WorldPlan:
         return (
             f"world: {self.world_size} processes = {self.nproc_per_node} per node{nodes}; "
             f"rendezvous {self.master_addr}:{self.master_port or 'a free port'}"
-        )
+        ) + self.origins()
+
+    def origins(self) -> str:
+        """Where each value that did not come from launch.*'s defaults came from, in words:
+        "; from nnodes=4 (SLURM_NNODES), master_port=29500 (--master-port)"."""
+        shown = [
+            f"{key}={getattr(self, key)} ({source})"
+            for key, source in self.sources
+            if source != "default"
+        ]
+        return f"; from {', '.join(shown)}" if shown else ""
 
 
 def visible_gpus() -> int:
@@ -72,15 +88,22 @@ def plan(
     env: Mapping[str, str],
     gpus: int,
 ) -> WorldPlan:
-    """Merge flag > env > config into a WorldPlan; `gpus` decides nproc_per_node=auto."""
+    """Merge flag > env > config > SLURM > defaults into a WorldPlan; `gpus` decides
+    nproc_per_node=auto."""
+    slurm = slurm_values(env)
     values: dict[str, object] = {}
-    for key in ("nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"):
+    sources: dict[str, str] = {}
+    for key in LAUNCH_KEYS:
         if flags.get(key) is not None:
-            values[key] = flags[key]
+            values[key], sources[key] = flags[key], f"--{key.replace('_', '-')}"
         elif env.get(ENV_VARS[key], "") != "":
-            values[key] = env[ENV_VARS[key]]
+            values[key], sources[key] = env[ENV_VARS[key]], ENV_VARS[key]
+        elif key in cfg.model_fields_set:
+            values[key], sources[key] = getattr(cfg, key), f"launch.{key}"
+        elif key in slurm:
+            values[key], sources[key] = slurm[key]
         else:
-            values[key] = getattr(cfg, key)
+            values[key], sources[key] = getattr(cfg, key), "default"
 
     def integer(key: str, low: int, high: int | None = None) -> int:
         raw = values[key]
@@ -88,11 +111,11 @@ def plan(
             value = int(str(raw))
         except ValueError:
             raise LaunchError(
-                f"{key} must be an integer, got {raw!r} ({_source(key, flags, env)})"
+                f"{key} must be an integer, got {raw!r} (from {sources[key]})"
             ) from None
         if value < low or (high is not None and value > high):
             bound = f">= {low}" + (f" and <= {high}" if high is not None else "")
-            raise LaunchError(f"{key} must be {bound}, got {value} ({_source(key, flags, env)})")
+            raise LaunchError(f"{key} must be {bound}, got {value} (from {sources[key]})")
         return value
 
     if str(values["nproc_per_node"]) == "auto":
@@ -108,15 +131,74 @@ def plan(
             "node cannot meet. Set --master-port PORT (or MASTER_PORT, or launch.master_port) "
             "to the same free port on every node."
         )
-    return WorldPlan(nproc, nnodes, node_rank, str(values["master_addr"]), port, cfg.max_restarts)
+    return WorldPlan(
+        nproc, nnodes, node_rank, str(values["master_addr"]), port, cfg.max_restarts,
+        tuple((key, sources[key]) for key in LAUNCH_KEYS),
+    )  # fmt: skip
 
 
-def _source(key: str, flags: Mapping[str, object | None], env: Mapping[str, str]) -> str:
-    if flags.get(key) is not None:
-        return f"from --{key.replace('_', '-')}"
-    if env.get(ENV_VARS[key]):
-        return f"from the environment variable {ENV_VARS[key]}"
-    return f"from launch.{key}"
+def slurm_values(env: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """The launch values SLURM's environment gives, {key: (value, the variable it came from)};
+    empty outside a SLURM job (no SLURM_JOB_ID).
+
+    One `lockstep train` task per node (srun --ntasks-per-node=1) starts that node's processes
+    itself: nproc_per_node is SLURM_GPUS_ON_NODE, else SLURM_NTASKS_PER_NODE (a CPU
+    allocation); nnodes SLURM_NNODES; node_rank SLURM_NODEID; master_addr the first host of
+    SLURM_JOB_NODELIST; master_port SLURM_PORT_BASE + SLURM_JOB_ID % SLURM_PORT_SPAN, which
+    every node of the job computes alike.
+    """
+    if not env.get("SLURM_JOB_ID", "").strip():
+        return {}
+    if env.get("SLURM_LOCALID", "0").strip() not in ("", "0"):
+        raise LaunchError(
+            f"SLURM started several `lockstep train` tasks on node {env.get('SLURMD_NODENAME', '')}"
+            f" (this is task {env['SLURM_LOCALID']}): lockstep starts a node's processes itself, "
+            "so run one task per node: srun --ntasks-per-node=1 lockstep train cfg.yaml"
+        )
+    found: dict[str, tuple[str, str]] = {}
+    for key, names in (
+        ("nproc_per_node", ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE")),
+        ("nnodes", ("SLURM_NNODES",)),
+        ("node_rank", ("SLURM_NODEID",)),
+    ):
+        for name in names:
+            value = env.get(name, "").strip()
+            if value and not (key == "nproc_per_node" and value == "0"):
+                found[key] = (value, name)
+                break
+    nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")).strip()
+    if nodelist:
+        found["master_addr"] = (first_host(nodelist), "SLURM_JOB_NODELIST")
+    job = env["SLURM_JOB_ID"].strip()
+    if job.isdigit():
+        port = SLURM_PORT_BASE + int(job) % SLURM_PORT_SPAN
+        found["master_port"] = (str(port), "SLURM_JOB_ID")
+    return found
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list (the rendezvous host): see expand_hosts."""
+    return next(expand_hosts(nodelist))
+
+
+def expand_hosts(nodelist: str) -> Iterator[str]:
+    """The hosts of a SLURM host list, in its order: `gpu[01-03,07],login1` -> gpu01, gpu02,
+    gpu03, gpu07, login1; `rack[1-2]-n[5,9]` -> rack1-n5, rack1-n9, rack2-n5, rack2-n9.
+    A range keeps its start's zero padding. A malformed list is a LaunchError naming it."""
+    for entry in re.split(r",(?![^\[]*\])", nodelist.strip()):
+        match = re.match(r"([^\[]*)\[([^\]]*)\](.*)$", entry)
+        if not match:
+            if not entry or "[" in entry or "]" in entry:
+                raise LaunchError(f"SLURM_JOB_NODELIST: cannot read the host list {nodelist!r}")
+            yield entry
+            continue
+        prefix, ranges, rest = match.groups()
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            if not low.isdigit() or not (high or low).isdigit():
+                raise LaunchError(f"SLURM_JOB_NODELIST: cannot read the host list {nodelist!r}")
+            for n in range(int(low), int(high or low) + 1):
+                yield from expand_hosts(f"{prefix}{n:0{len(low)}d}{rest}")
 
 
 def torchrun_argv(

@@ -102,11 +102,13 @@ def _check_debugger() -> None:
 def load_checked(args: argparse.Namespace) -> config_mod.RunConfig:
     """The run config `args` names (file and overrides), validated, its data files checked:
     what a process checks first, once (`lockstep train` passes the result on to `run`)."""
+    from lockstep import trackers
     from lockstep.training.evaluate import check_eval_files
 
-    cfg = config_mod.load(args.config, args.overrides)
+    cfg = adapters.resolve_init_from(config_mod.load(args.config, args.overrides))
     check_files(cfg.data)
     check_eval_files(cfg)
+    trackers.check_installed(cfg.log)
     return cfg
 
 

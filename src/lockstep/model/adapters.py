@@ -1,14 +1,41 @@
-"""Which parameters train: all of them (full), LoRA adapters (PEFT), or chosen blocks (freeze)."""
+"""Which parameters train: all of them (full), LoRA adapters (PEFT), or chosen blocks (freeze).
+
+finetune.lora.init_from: LoRA starts from an existing PEFT adapter. The adapter decides the
+settings that shape it (INIT_FROM_DECIDES; resolve_init_from fills them in, and refuses a config
+that sets one to another value), a new run loads its weights (load_init_from), and a resumed
+run restores its checkpoint instead.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from lockstep.config import FinetuneConfig
-from lockstep.errors import ConfigError, ModelError
+from lockstep.config import FinetuneConfig, RunConfig
+from lockstep.errors import ConfigError, ModelError, first_line
 from lockstep.model.load import quiet_peft_wrap
+
+# finetune.lora's settings an init_from adapter decides, by the adapter_config.json key
+INIT_FROM_DECIDES = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "target_modules": "target_modules",
+    "target_parameters": "target_parameters",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+}
+# adapter_config.json keys lockstep cannot reproduce when they hold anything
+INIT_FROM_UNSUPPORTED = ("modules_to_save", "rank_pattern", "alpha_pattern", "layers_to_transform")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+# of those, what the config may set otherwise: a training setting, not part of the adapter's
+# function (it takes the adapter's value when the config does not set it)
+INIT_FROM_DEFAULTS_ONLY = ("dropout",)
 
 
 def check_supported(cfg: FinetuneConfig) -> None:
@@ -19,6 +46,155 @@ def check_supported(cfg: FinetuneConfig) -> None:
             "bitsandbytes; none is available here. Set finetune.lora.quantize=null for LoRA on "
             "full-precision weights."
         )
+
+
+def adapter_files(folder: str | Path) -> tuple[dict[str, Any], Path]:
+    """(adapter_config.json as a dict, the weights file) of the PEFT adapter `folder`
+    (finetune.lora.init_from); a missing or unreadable one is a ConfigError naming it."""
+    where = Path(folder).expanduser()
+    field = "finetune.lora.init_from"
+    if not (where / "adapter_config.json").is_file():
+        why = "does not exist" if not where.exists() else "has no adapter_config.json"
+        raise ConfigError(
+            f"{field}: {str(where)!r} {why}; give a PEFT adapter folder (a LoRA run's "
+            "OUTPUT/final, or any save_pretrained of a PEFT model)"
+        )
+    try:
+        raw = json.loads((where / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{field}: {where}/adapter_config.json is not readable JSON: "
+                          f"{first_line(e)}") from None  # fmt: skip
+    if not isinstance(raw, dict) or raw.get("peft_type", "LORA") != "LORA":
+        kind = raw.get("peft_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ConfigError(f"{field}: {where} is a {kind} adapter, not LoRA")
+    weights = [where / name for name in ADAPTER_WEIGHTS if (where / name).is_file()]
+    if not weights:
+        raise ConfigError(
+            f"{field}: {where} has adapter_config.json but no weights "
+            f"({' or '.join(ADAPTER_WEIGHTS)})"
+        )
+    return raw, weights[0]
+
+
+def init_from_settings(raw: dict[str, Any], folder: str) -> dict[str, Any]:
+    """finetune.lora's INIT_FROM_DECIDES settings as the adapter_config.json `raw` holds them
+    (target_modules as a sorted list of names); what lockstep cannot reproduce is refused."""
+    field = "finetune.lora.init_from"
+    for key in INIT_FROM_UNSUPPORTED:
+        if raw.get(key):
+            raise ConfigError(
+                f"{field}: the adapter {folder} sets {key}={raw[key]!r}, which finetune.lora "
+                "cannot reproduce; continue from an adapter without it"
+            )
+    targets = raw.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        raise ConfigError(
+            f"{field}: the adapter {folder} chooses its modules by the pattern {targets!r}; "
+            "finetune.lora.target_modules takes module names or all-linear"
+        )
+    found = {
+        "r": raw.get("r", 8),
+        "alpha": raw.get("lora_alpha", 8),
+        "dropout": raw.get("lora_dropout", 0.0),
+        "target_modules": targets if isinstance(targets, str) else sorted(targets or []),
+        "target_parameters": sorted(raw.get("target_parameters") or []),
+        "use_rslora": bool(raw.get("use_rslora", False)),
+        "use_dora": bool(raw.get("use_dora", False)),
+    }
+    if not found["target_modules"] and not found["target_parameters"]:
+        raise ConfigError(f"{field}: the adapter {folder} names no target_modules")
+    return found
+
+
+def resolve_init_from(cfg: RunConfig) -> RunConfig:
+    """`cfg` with finetune.lora's settings taken from its init_from adapter (unchanged without
+    one). A setting the config file sets itself to another value is a ConfigError naming both
+    values and the fix: the adapter decides it (but for INIT_FROM_DEFAULTS_ONLY, where the
+    config's own value wins)."""
+    lora = cfg.finetune.lora
+    if not lora.init_from:
+        return cfg
+    raw, _ = adapter_files(lora.init_from)
+    found = init_from_settings(raw, lora.init_from)
+    found = {k: v for k, v in found.items()
+             if not (k in INIT_FROM_DEFAULTS_ONLY and k in lora.model_fields_set)}  # fmt: skip
+    for key, value in found.items():
+        mine = getattr(lora, key)
+        same = sorted(mine) == value if isinstance(mine, list) and isinstance(value, list) else (
+            mine == value
+        )  # fmt: skip
+        if key in lora.model_fields_set and not same:
+            raise ConfigError(
+                f"finetune.lora.{key}={mine!r}, but the adapter finetune.lora.init_from="
+                f"{lora.init_from} has {INIT_FROM_DECIDES[key]}={value!r}: the adapter decides "
+                f"it; drop finetune.lora.{key} from the config (or set it to {value!r})"
+            )
+    update = {"lora": lora.model_copy(update=found)}
+    return cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update=update)})
+
+
+def init_from_digest(cfg: FinetuneConfig) -> str:
+    """A short hash of the init_from adapter's files (config and weights); "" without one."""
+    if cfg.method != "lora" or not cfg.lora.init_from:
+        return ""
+    _, weights = adapter_files(cfg.lora.init_from)
+    h = hashlib.sha256()
+    for path in (weights.parent / "adapter_config.json", weights):
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def load_init_from(cfg: RunConfig, model: torch.nn.Module) -> str:
+    """Load the init_from adapter's weights into the LoRA `model` (built by `lora` with the
+    adapter's settings, resolve_init_from); every adapter weight must find its place, else a
+    ModelError names one that does not. Returns the start-up note."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    folder = cfg.finetune.lora.init_from
+    _, weights = adapter_files(folder)
+    try:
+        state = load_peft_weights(str(weights.parent), device="cpu")
+        with torch.no_grad():
+            result = set_peft_model_state_dict(model, state)
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ModelError(
+            f"finetune.lora.init_from: the adapter {folder} does not fit model.path="
+            f"{cfg.model.path}: {first_line(e)}"
+        ) from None
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    missing = [k for k in getattr(result, "missing_keys", []) or [] if "lora_" in k]
+    if unexpected or missing:
+        which = unexpected or missing
+        what = "weights model.path has no place for" if unexpected else "LoRA weights it lacks"
+        raise ModelError(
+            f"finetune.lora.init_from: the adapter {folder} does not fit model.path="
+            f"{cfg.model.path}: {len(which)} {what}, e.g. {which[0]!r}"
+        )
+    return f"starting from the adapter {folder} ({len(state)} tensors, {weights.name})"
+
+
+def init_from_base_warning(cfg: RunConfig) -> str | None:
+    """The warning when the init_from adapter records another base than model.path: the same
+    model often goes by a hub id and a local folder, so it is not refused (a different
+    architecture fails in load_init_from, naming the weights that do not fit)."""
+    raw, _ = adapter_files(cfg.finetune.lora.init_from)
+    base = raw.get("base_model_name_or_path")
+    if not base or same_model(str(base), cfg.model.path):
+        return None
+    return (
+        f"finetune.lora.init_from: the adapter was trained on {base}, this run's model.path is "
+        f"{cfg.model.path}; training goes on from it if they are the same model"
+    )
+
+
+def same_model(a: str, b: str) -> bool:
+    """Two model.path values name the same model: equal, or the same folder."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lockstep import config as config_mod
+from lockstep import trackers
 from lockstep.config import DataConfig, RunConfig
 from lockstep.data import cache, templates
 from lockstep.data.dataset import Samples, describe
@@ -61,8 +62,10 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         cfg.seed,
         lambda data: build_samples(data, d, tokenizer, "the eval data", pairs),
     )
+    adapter_sha = adapters.init_from_digest(cfg.finetune)
     if resumed:
         checkpoint.check_data_change(resumed, samples.fingerprint, cfg)
+        checkpoint.check_init_from_change(resumed, adapter_sha, cfg)
     data_rank, data_world = opts.as_rank or (d.rank, d.world_size)
     inputs = faults.inject(cfg.testing, data_rank, faults.Inputs(cfg.seed, samples))
     cfg, samples = cfg.model_copy(update={"seed": inputs.seed}), inputs.samples
@@ -77,12 +80,14 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         return None
 
     layout = choose_layout(cfg, d, samples)
-    model = build_model(cfg, cfg.seed, d, layout.attention)
+    precompute = getattr(objective, "reference", None) == "precompute"
+    # a resume restores the checkpoint's weights; the precomputed reference (computed, or found
+    # by the starting weights' checksum) is of the starting model: the init_from adapter's
+    model = build_model(cfg, cfg.seed, d, layout.attention, resumed is None or precompute)
     isolation = check_isolation(cfg, d, model, layout.attention) if layout.shared_rows else ""
     weights_sharded = parallel.shards_weights(cfg, d)
     # FSDP: this rank's own weights, summed before they become shards (see params_checksum)
     built = params_checksum(model) if weights_sharded else None
-    precompute = getattr(objective, "reference", None) == "precompute"
     starting = params_checksum(model, trainable_only=False) if precompute else None
     trainee = parallel.prepare(cfg, d, model, objective)  # FSDP shards `model` in place
     # the optimizer takes the parameters as FSDP registered them, before any forward pass
@@ -101,7 +106,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
              f"{isolation})")  # fmt: skip
     weights = built or params_checksum(model)
     check_lockstep(
-        fingerprint_fields(cfg, samples, order, weights, start_step, objective),
+        fingerprint_fields(cfg, samples, order, weights, start_step, objective, adapter_sha),
         d, "after building",
     )  # fmt: skip
     trainee = parallel.replicate(cfg, d, trainee)
@@ -116,7 +121,11 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     metrics_file = out / (replay_name(data_rank, data_world) if opts.as_rank else "metrics.jsonl")
     if d.is_main:
         truncate_after(metrics_file, start_step)  # rows past the checkpoint: redone
-    tensorboard = out / "tensorboard" if cfg.log.tensorboard and not opts.as_rank else None
+    tracking = d.is_main and not opts.as_rank  # a replay logs to no tracker
+    resumed_ids = resumed.state.get("trackers", {}) if resumed else {}
+    opened = trackers.open_all(cfg, out, resumed_ids) if tracking else []
+    if opened:
+        log.info(f"trackers: {trackers.describe(opened)}")
     return Run(
         cfg=cfg, d=d, opts=opts, resumed=resumed, data_rank=data_rank, data_world=data_world,
         tokenizer=tokenizer, samples=samples, eval_samples=eval_samples, order=order,
@@ -124,11 +133,11 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         trainee=trainee, optimizer=optimizer, scheduler=scheduler,
         batches=faults.failing(batches, inputs.fail_at, start_step, order.accumulation),
         saver=None if opts.as_rank else checkpoint.Saver.for_run(cfg, d, tokenizer),
-        metrics=MetricsWriter(metrics_file, enabled=d.is_main, tensorboard=tensorboard),
+        metrics=MetricsWriter(metrics_file, enabled=d.is_main, trackers=opened),
         ids_log=sample_id_log(cfg, data_rank, data_world, start_step),
         bar=tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train",
                  unit="step", mininterval=0.5),
-        window=LogWindow(checkpoint.log_window(resumed)),
+        window=LogWindow(checkpoint.log_window(resumed)), adapter_sha=adapter_sha,
     )  # fmt: skip
 
 
@@ -194,13 +203,21 @@ def choose_layout(cfg: RunConfig, d: Dist, samples: Samples) -> Layout:
     )
 
 
-def build_model(cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice) -> torch.nn.Module:
-    """The model as it trains: loaded or initialised, adapters applied, on this rank's device,
-    with the attention kernel `attn` (model/attention.choose)."""
+def build_model(
+    cfg: RunConfig, seed: int, d: Dist, attn: attention.Choice, from_adapter: bool = True
+) -> torch.nn.Module:
+    """The model as it trains: loaded or initialised, adapters applied (with `from_adapter`,
+    a new run's, the weights of finetune.lora.init_from), on this rank's device, with the
+    attention kernel `attn` (model/attention.choose)."""
     quantize = cfg.finetune.lora.quantize if cfg.finetune.method == "lora" else None
     mcfg = cfg.model.model_copy(update={"attn_implementation": attn.name or "auto"})
     model = load_model(mcfg, derive_seed(seed, "init"), quantize)
     model = adapters.apply(cfg.finetune, model, derive_seed(seed, "adapter"))
+    if from_adapter and cfg.finetune.method == "lora" and cfg.finetune.lora.init_from:
+        logmod.get().info(f"finetune: {adapters.load_init_from(cfg, model)}")
+        warning = adapters.init_from_base_warning(cfg)
+        if warning:
+            logmod.get().warning(warning)
     if not quantize:  # a quantised model is placed on its device as it loads
         if not parallel.shards_weights(cfg, d):  # FSDP keeps one dtype per unit
             hold_frozen_in_compute_dtype(cfg, model)

@@ -365,10 +365,12 @@ def delete_all(root: Path) -> None:
 
 
 def run_state(
-    cfg: RunConfig, order: Order, step: int, data_fingerprint: str, log_window: list[float]
-) -> dict[str, Any]:
+    cfg: RunConfig, order: Order, step: int, data_fingerprint: str, log_window: list[float],
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """What state.json says of the run after `step` steps (Saver.save adds the world size and,
-    for a sharded checkpoint, its key names)."""
+    for a sharded checkpoint, its key names); `extra`: more entries (the init_from adapter's
+    digest, the trackers' run ids)."""
     from lockstep import __version__
 
     return {
@@ -381,6 +383,7 @@ def run_state(
         "data_fingerprint": data_fingerprint,
         "log_window": list(log_window),
         "threads": torch.get_num_threads(),  # CPU results depend on it (bit-exact resume)
+        **(extra or {}),
     }
 
 
@@ -481,6 +484,20 @@ def check_data_change(loaded: Loaded, fingerprint: str, cfg: RunConfig) -> None:
             f"(data fingerprint {old} -> {fingerprint}): a data file, the chat template, the "
             "tokenizer or lockstep's data processing changed. Restore them, start a new "
             "output_dir, or set checkpoint.resume_force=true."
+        )
+
+
+def check_init_from_change(loaded: Loaded, digest: str, cfg: RunConfig) -> None:
+    """Refuse to resume when the finetune.lora.init_from adapter's files are not those the run
+    started from (digest: adapters.init_from_digest), unless forced. The checkpoint holds the
+    weights either way; the adapter is part of what the run is."""
+    old = loaded.state.get("init_from_adapter", "")
+    if digest and old and old != digest and not cfg.checkpoint.resume_force:
+        raise CheckpointError(
+            f"cannot resume from {loaded.path}: the adapter finetune.lora.init_from="
+            f"{cfg.finetune.lora.init_from} changed since the run started from it (adapter "
+            f"digest {old} -> {digest}). Restore it, start a new output_dir, or set "
+            "checkpoint.resume_force=true."
         )
 
 

@@ -42,10 +42,15 @@ def run(cfg: RunConfig, d: Dist, opts: RunOptions | None = None) -> Path:
     state = build(cfg, d, opts or RunOptions())
     if state is None:  # the run was already complete
         return Path(cfg.output_dir)
+    status = "failed"
     try:
         took = train(state)
+        status = "finished"
+    except Preempted:
+        status = "stopped"
+        raise
     finally:
-        state.close()
+        state.close(status)
     finish(state, took)
     return state.out
 
@@ -185,11 +190,15 @@ def save(run: Run, done: int) -> Path | None:
     # FSDP: each weight lives on one rank only, so there is nothing to compare; it was when built
     sharded = parallel.shards_weights(run.cfg, run.d)
     weights = "sharded" if sharded else params_checksum(run.model)
-    fields = fingerprint_fields(run.cfg, run.samples, run.order, weights, done, run.objective)
+    fields = fingerprint_fields(
+        run.cfg, run.samples, run.order, weights, done, run.objective, run.adapter_sha
+    )
     check_lockstep(fields, run.d, f"checkpoint {done}")
     state = checkpoint.run_state(
-        run.cfg, run.order, done, run.samples.fingerprint, run.window.losses
-    )
+        run.cfg, run.order, done, run.samples.fingerprint, run.window.losses,
+        {"trackers": run.metrics.run_ids(),
+         **({"init_from_adapter": run.adapter_sha} if run.adapter_sha else {})},
+    )  # fmt: skip
     return run.saver.save(done, run.model, run.optimizer, run.scheduler, state, run.cfg)
 
 

@@ -186,13 +186,15 @@ class PairPreference:
 
 def reference_of(cfg) -> str:
     """preference.reference resolved: none for reference-free losses; auto: adapters_off with
-    LoRA, precompute otherwise."""
+    LoRA, precompute otherwise (and with finetune.lora.init_from, whose starting model is the
+    base with that adapter, not the base alone)."""
     pref = cfg.preference
     if pref.loss in REFERENCE_FREE:
         return "none"
     if pref.reference != "auto":
         return pref.reference
-    return "adapters_off" if cfg.finetune.method == "lora" else "precompute"
+    fresh_lora = cfg.finetune.method == "lora" and not cfg.finetune.lora.init_from
+    return "adapters_off" if fresh_lora else "precompute"
 
 
 class PairLoss(torch.nn.Module):

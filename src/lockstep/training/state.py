@@ -106,6 +106,7 @@ class Run:
     bar: tqdm
     window: LogWindow
     started: float = field(default_factory=time.perf_counter)  # perf_counter() when built
+    adapter_sha: str = ""  # adapters.init_from_digest of finetune.lora.init_from ("" without)
 
     @property
     def out(self) -> Path:
@@ -115,20 +116,22 @@ class Run:
     def replay(self) -> bool:
         return self.opts.as_rank is not None
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
+        """Close the outputs; the trackers' runs end as `status` (finished, failed, stopped)."""
         self.bar.close()
-        self.metrics.close()
+        self.metrics.close(status)
         if self.ids_log:
             self.ids_log.close()
 
 
 def fingerprint_fields(
     cfg: RunConfig, samples: Samples, order: Order, weights: str, step: int = 0,
-    objective: Objective | None = None,
+    objective: Objective | None = None, adapter_sha: str = "",
 ) -> dict[str, str]:  # fmt: skip
     """What every rank must agree on before (and while) training together (dist.check_lockstep);
     `weights`: the params_checksum of this rank's trainable weights; `objective`'s precomputed
-    reference log-probabilities, if it has them."""
+    reference log-probabilities, if it has them; `adapter_sha`: the digest of the
+    finetune.lora.init_from adapter each rank read."""
     import transformers
 
     from lockstep import __version__
@@ -146,4 +149,5 @@ def fingerprint_fields(
         "next_batch_sha": batch_sha(order.global_batch(step)),
         "params_checksum": weights,
         "reference_table": table_hash(getattr(objective, "table", None)),
+        "init_from_adapter": adapter_sha or "none",
     }
