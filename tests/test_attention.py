@@ -231,6 +231,27 @@ def gemma2_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def mistral_folder(tmp_path: Path) -> Path:
+    """A tiny random Mistral whose sliding window (4) is shorter than the test's samples."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    folder = tmp_path / "mistral"
+    if (folder / "config.json").is_file():
+        return folder
+    tok = AutoTokenizer.from_pretrained(BUILTIN_DIR / "tiny")
+    config = MistralConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
+        max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        MistralForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def cpu_kernels(cfg: ModelConfig) -> list[str]:
     """Every kernel to check on a CPU: sdpa where the class has it, eager, and auto's pick."""
     support = attention.model_support(cfg)
@@ -238,16 +259,20 @@ def cpu_kernels(cfg: ModelConfig) -> list[str]:
     return sorted({picked, "eager", *(["sdpa"] if support.sdpa else [])})
 
 
-@pytest.mark.parametrize("family", ["builtin", "gemma2"])
+@pytest.mark.parametrize("family", ["builtin", "gemma2", "mistral"])
 def test_logits_in_a_packed_multi_row_batch_equal_each_sample_alone(tmp_path, family):
-    path = "builtin:tiny" if family == "builtin" else str(gemma2_folder(tmp_path))
+    """Every CPU kernel, lockstep_segments with the boundaries included (and a sliding window
+    shorter than some samples: Mistral's 4)."""
+    folders = {"gemma2": gemma2_folder, "mistral": mistral_folder}
+    path = str(folders[family](tmp_path)) if family in folders else "builtin:tiny"
     rows = [[5, 9, 3], [11, 4], [7]]  # width 17: rows 2 and 3 end in padding
     samples = samples_of(rows)
-    batch = collate(samples, np.array([0, 1, 2]), pad_id=3)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
     kernels = cpu_kernels(ModelConfig(path=path))
-    assert "eager" in kernels and len(kernels) >= (2 if family == "builtin" else 1)
+    assert "eager" in kernels and len(kernels) >= (1 if family == "gemma2" else 3)
+    assert (attention.SEGMENTS in kernels) == (family != "gemma2")  # auto's pick with sdpa
     for kernel in kernels:
+        batch = collate(samples, np.array([0, 1, 2]), 3, varlen=kernel == attention.SEGMENTS)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
         model = load_model(ModelConfig(path=path, attn_implementation=kernel), init_seed=1).eval()
         assert model.config._attn_implementation == kernel
         with torch.no_grad():
