@@ -282,3 +282,34 @@ def test_padding_free_pairs_give_the_padded_rows_log_probs_and_loss():
     assert torch.equal(free[2], padded[2][keep])
     torch.testing.assert_close(free[1], padded[1], rtol=1e-5, atol=1e-4)
     assert free[1][0].item() != 0.0
+
+
+def test_padding_free_pairs_hand_the_answer_boundaries_to_the_attention_kernel():
+    """Each answer's boundaries reach every attention layer through the pair loss: a kernel
+    that sees only them (and refuses a batch without them) gives the padded rows' loss."""
+    from conftest import DEMO_DATA
+    from test_attention import kernel_model, reference_varlen_attention
+
+    from lockstep import config
+    from lockstep.data.collate import collate
+    from lockstep.data.dataset import build
+    from lockstep.model.load import load_model, load_tokenizer
+    from lockstep.training.preference import PairPreference
+
+    cfg = config.validate({
+        "data": {"train": [{"path": str(DEMO_DATA)}], "max_length": 64, "cache": False},
+        "model": {"path": "builtin:tiny"},
+    })  # fmt: skip
+    samples = build(cfg.data, load_tokenizer(cfg.model)).subset(list(range(8)))
+    objective = PairPreference(Settings("simpo"), "none", chunk=16)
+    ids = np.array([3, 1])
+    varlen = kernel_model("lockstep_reference_varlen", reference_varlen_attention)
+    sdpa = load_model(cfg.model.model_copy(update={"attn_implementation": "sdpa"}), 1)
+    with torch.no_grad():
+        got = objective.module(varlen)(
+            objective.prepare(ids, collate(samples, objective.rows(ids), 0, True, True))
+        )
+        want = objective.module(sdpa)(
+            objective.prepare(ids, collate(samples, objective.rows(ids), 0, False, False))
+        )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

@@ -100,6 +100,18 @@ def test_kill_9_after_a_checkpoint_resumes_bit_for_bit(tmp_path):
         assert [r[key] for r in resumed[6:]] == [r[key] for r in reference[6:]], key
 
 
+def test_ranks_out_of_lockstep_stop_before_the_reference_pass(tmp_path):
+    """Rank 1 drops its last row (testing.desync=data): the ranks compare what the reference
+    table depends on before computing it together, and stop with the fingerprint table."""
+    cfg = pair_config(tmp_path, finetune=FULL, train={"max_steps": 2},
+                      testing={"desync": "data", "desync_rank": 1}, launch={"timeout_s": 600})  # fmt: skip
+    res = run_cli("train", str(cfg), "--nproc-per-node", "2")
+    assert res.returncode != 0
+    table = res.stderr[res.stderr.index("ranks are out of lockstep (before the reference pass)") :]
+    assert "  reference_table " in table and "  reference_rows " in table and "| rank 1: " in table
+    assert "reference log-probabilities: computed" not in res.stderr
+
+
 def test_precomputed_reference_is_reused_by_a_second_run_and_a_resume(tmp_path):
     cfg = pair_config(tmp_path, finetune=FULL, train={"max_steps": 2},
                       checkpoint={"every_steps": 1})  # fmt: skip

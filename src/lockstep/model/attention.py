@@ -42,6 +42,7 @@ from lockstep.model.load import load_config
 
 FLASH = "flash_attention_2"
 SEGMENTS = "lockstep_segments"  # sdpa over each sample of a shared row (segment_sdpa)
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # varlen_kwargs
 FLASH_MIN_VERSION = (2, 3, 3)  # the oldest flash-attn 2 transformers accepts
 FLASH_SOFTCAP_VERSION = (2, 6, 0)  # the first that soft-caps attention logits (Gemma-2)
 UNKNOWN_CLASS = "the model class is not one transformers ships: its support is unknown"
@@ -294,8 +295,9 @@ def varlen_kwargs(position_ids: np.ndarray) -> dict[str, Any]:
     flat = np.asarray(position_ids).reshape(-1)
     cu = np.append(np.flatnonzero(flat == 0), len(flat)).astype(np.int32)
     longest = int(np.diff(cu).max())
-    return {"cu_seq_lens_q": torch.from_numpy(cu), "cu_seq_lens_k": torch.from_numpy(cu.copy()),
-            "max_length_q": longest, "max_length_k": longest}  # fmt: skip
+    q, k, max_q, max_k = VARLEN_KEYS
+    return {q: torch.from_numpy(cu), k: torch.from_numpy(cu.copy()), max_q: longest,
+            max_k: longest}  # fmt: skip
 
 
 PROBE = ((9, 7, 4), (24,))  # sample lengths per row: several in the first, then padding

@@ -36,6 +36,7 @@ from lockstep.data.dataset import Samples
 from lockstep.data.order import PAD
 from lockstep.data.render import IGNORE
 from lockstep.model.adapters import causal_lm
+from lockstep.model.attention import VARLEN_KEYS
 from lockstep.training.loss import TARGET_INDEX, plain_head, target_logps
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
@@ -151,8 +152,10 @@ class PairPreference:
         return len(samples) // 2
 
     def unit_lengths(self, samples: Samples) -> np.ndarray:
-        lengths = samples.lengths()
-        return lengths[0::2] + lengths[1::2]
+        """Each pair's two rows together (a trailing half pair, which no pair holds, is left
+        out, as `units` leaves it)."""
+        lengths, rows = samples.lengths(), 2 * self.units(samples)
+        return lengths[0:rows:2] + lengths[1:rows:2]
 
     def denominator(self, samples: Samples, ids: np.ndarray) -> int:
         return int((np.asarray(ids) != PAD).sum())
@@ -257,7 +260,7 @@ class PairLoss(torch.nn.Module):
 
     def row_logps(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each row's summed log-probability of its target tokens under `model` (float32)."""
-        keep = ("input_ids", "attention_mask", "position_ids")
+        keep = ("input_ids", "attention_mask", "position_ids", *VARLEN_KEYS)
         inputs = {k: batch[k] for k in keep if k in batch}
         labels, at = batch["labels"], batch[TARGET_INDEX]
         y = labels.flatten().index_select(0, at)

@@ -27,7 +27,7 @@ from lockstep.data import cache
 from lockstep.data.collate import collate
 from lockstep.data.dataset import Samples
 from lockstep.data.order import PAD
-from lockstep.dist import Dist, all_reduce_sum, main_first
+from lockstep.dist import Dist, all_reduce_sum, check_lockstep, main_first
 from lockstep.model.attention import to_device
 from lockstep.training import parallel
 from lockstep.training.evaluate import rank_share
@@ -54,7 +54,13 @@ def precomputed(
     samples: Samples, pad_id: int, path: Path, layout: Layout,
 ) -> tuple[np.ndarray, str]:  # fmt: skip
     """(the table, what happened: read from PATH / computed in S s, cached in PATH). `layout`:
-    the micro-batch layout training uses (padding-free rows or not), the pass's too."""
+    the micro-batch layout training uses (padding-free rows or not), the pass's too.
+
+    The ranks first compare what the table depends on (the data's fingerprint, its rows, the
+    starting weights, dtype and kernel: PATH's name), so that ranks out of lockstep stop with
+    the fingerprint table before the collective pass, not inside it."""
+    fields = {"reference_table": path.name, "reference_rows": str(len(samples))}
+    check_lockstep(fields, d, "before the reference pass")
     table = read(path, len(samples))
     # every rank read it, or every rank computes it (the pass is collective)
     if all_reduce_sum([float(table is not None)], d)[0] == d.world_size:
