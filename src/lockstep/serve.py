@@ -61,6 +61,10 @@ def main(args: argparse.Namespace) -> int:
     if args.max_tokens < 1:
         raise ServeError(f"--max-tokens must be >= 1, got {args.max_tokens}")
     sock = listen(args.host, args.port)  # a taken port is said before the model loads
+    if not torch.cuda.is_available():  # threads a busy CPU has room for (lockstep.threads)
+        from lockstep import threads
+
+        print(f"[lockstep] {threads.cpu_line(*threads.setup_cpu(os.environ))}", file=sys.stderr)
     chat = infer.load(args.model, args.adapter)
     print(f"[lockstep] serve: {chat.what}", file=sys.stderr, flush=True)
     name = args.name or model_name(args.model)
