@@ -2,8 +2,8 @@
 demo run, queried with the official `openai` client (and raw HTTP where the client hides the
 wire: the server-sent events, a body that is not JSON).
 
-One server is shared by the module; `lockstep chat` runs beside it while it starts, so the module
-costs one short training, two server start-ups and one chat on two cores.
+One server (with an API key) is shared by the module; `lockstep chat` runs beside it while it
+starts, so the module costs one short training, one server start-up and two chats.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Served:
     url: str
     log: Path
 
-    def client(self, key: str = "unused") -> openai.OpenAI:
+    def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key=key, max_retries=0, timeout=HANG_S)
 
 
@@ -75,9 +75,10 @@ def stop_server(served: Served) -> str:
     return served.log.read_text()
 
 
-def post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, str]:
-    """(status, body text) of a raw POST, errors included."""
-    request = urllib.request.Request(url, data=body, headers=headers or {}, method="POST")
+def post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, str]:
+    """(status, body text) of a raw POST with `key` (None: no Authorization), errors included."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=HANG_S) as response:
             return response.status, response.read().decode()
@@ -131,7 +132,7 @@ def served(
     run_dir: Path, chats: dict[str, subprocess.Popen], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("serve-log") / "stderr.txt"
-    served = start_server(log, str(run_dir), "--max-tokens", "16")
+    served = start_server(log, str(run_dir), "--max-tokens", "16", env={"LOCKSTEP_API_KEY": KEY})
     try:
         yield served
     finally:
@@ -303,22 +304,17 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served: Served) -
     assert served.proc.poll() is None
 
 
-def test_api_key_is_required_when_set(tmp_path: Path) -> None:
-    served = start_server(tmp_path / "stderr.txt", "builtin:tiny", env={"LOCKSTEP_API_KEY": KEY})
-    try:
-        with pytest.raises(openai.AuthenticationError) as e:
-            served.client("wrong").models.list()
-        assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
-        status, text = post(f"{served.url}/completions", b"{}")  # no Authorization header
-        assert status == 401 and "no API key" in assert_openai_error(text)["message"]
-        assert [m.id for m in served.client(KEY).models.list().data] == ["builtin:tiny"]
-        reply = served.client(KEY).completions.create(
-            model="builtin:tiny", prompt="hello", max_tokens=3, temperature=0
-        )
-        assert reply.usage.completion_tokens == 3  # random weights: all 3, never a stop
-    finally:
-        err = stop_server(served)
-    assert "Traceback" not in err
+def test_api_key_is_required_when_set(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError) as e:
+        served.client("wrong").models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    body = json.dumps({"model": "run", "prompt": "hi"}).encode()
+    status, text = post(f"{served.url}/completions", body, key=None)  # no Authorization header
+    assert status == 401 and "no API key" in assert_openai_error(text)["message"]
+    with pytest.raises(urllib.error.HTTPError) as raw:
+        urllib.request.urlopen(f"{served.url}/models", timeout=HANG_S)
+    assert raw.value.code == 401
+    assert [m.id for m in served.client(KEY).models.list().data] == ["run"]
 
 
 def test_a_taken_port_is_one_line(tmp_path: Path) -> None:

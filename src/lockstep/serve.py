@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -190,6 +190,9 @@ class _Request(_Strict):
     user: str | None = None  # cosmetic: accepted, changes nothing (the README lists it)
 
 
+R = TypeVar("R", bound=_Request)
+
+
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -210,7 +213,7 @@ class Settings:
     stop: tuple[str, ...]
 
 
-def parse(kind: type[_Request], body: Any) -> _Request:
+def parse(kind: type[R], body: Any) -> R:
     """The request, checked; an ApiError (400) naming the first field that is wrong."""
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
@@ -220,7 +223,8 @@ def parse(kind: type[_Request], body: Any) -> _Request:
         # the deepest error is the most precise one (a union's other members fail shallower)
         raise _field_error(kind, max(e.errors(), key=lambda x: len(_fields(x["loc"])))) from None
     if request.n not in (None, 1):
-        raise ApiError(400, f"n: lockstep serve answers one choice per request (n=1), got n={request.n}", "n")  # fmt: skip
+        why = f"n: lockstep serve answers one choice per request (n=1), got n={request.n}"
+        raise ApiError(400, why, "n")
     stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
     if len(stops) > 4 or not all(stops):
         raise ApiError(400, "stop: give up to 4 non-empty strings", "stop")
@@ -558,12 +562,10 @@ class Server:
 
     async def chat(self, request: Any) -> Any:
         req = parse(ChatRequest, await _body(request))
-        assert isinstance(req, ChatRequest)
         return await self._answer(req, messages(req), "chat.completion", "chatcmpl")
 
     async def completions(self, request: Any) -> Any:
         req = parse(CompletionRequest, await _body(request))
-        assert isinstance(req, CompletionRequest)
         return await self._answer(req, raw_prompt(req), "text_completion", "cmpl")
 
     async def _answer(
