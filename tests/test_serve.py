@@ -8,6 +8,7 @@ starts, so the module costs one short training, one server start-up and two chat
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -302,6 +304,27 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(served: Served) -
     reply = client.chat.completions.create(model="run", messages=user, temperature=0)
     assert reply.choices[0].message.content  # still serving
     assert served.proc.poll() is None
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(served: Served) -> None:
+    body = {"model": "run", "prompt": "The words", "max_tokens": 600, "temperature": 0}
+    start = time.perf_counter()  # the whole reply: "The words" runs on to its max_tokens
+    whole = served.client().completions.create(**body)
+    whole_s = time.perf_counter() - start
+    assert whole.usage.completion_tokens == 600
+    host, port = served.url.removeprefix("http://").removesuffix("/v1").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=HANG_S)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    conn.request("POST", "/v1/completions", json.dumps({**body, "stream": True}), headers)
+    response = conn.getresponse()
+    assert response.status == 200 and response.readline().startswith(b"data: {")
+    response.close()
+    conn.close()  # gone after the first piece
+    start = time.perf_counter()
+    after = served.client().completions.create(**{**body, "max_tokens": 1})
+    # answered at once: the left stream's 600 tokens were not generated first
+    assert time.perf_counter() - start < whole_s / 3, (time.perf_counter() - start, whole_s)
+    assert after.usage.completion_tokens == 1
 
 
 def test_api_key_is_required_when_set(served: Served) -> None:

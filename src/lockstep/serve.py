@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from transformers import TextStreamer
 
 from lockstep import infer
-from lockstep.errors import LockstepError, ModelError, first_line
+from lockstep.errors import LockstepError, ModelError, first_line, reason
 
 EXTRA = "pip install 'lockstep-finetune[serve]'"
 KEY_ENV = "LOCKSTEP_API_KEY"
@@ -115,7 +115,7 @@ def listen(host: str, port: int) -> socket.socket:
         sock.listen(128)
     except OSError as e:
         raise ServeError(
-            f"cannot listen on {host}:{port}: {e.strerror or first_line(e)}; give another "
+            f"cannot listen on {host}:{port}: {reason(e)}; give another "
             "--port (0 picks a free one) or --host"
         ) from None
     return sock
@@ -398,8 +398,9 @@ class Generator:
         prompt_tokens = int(inputs["input_ids"].shape[1])
         if prompt_tokens == 0:
             raise ApiError(400, "prompt: the prompt is empty (no tokens)", "prompt")
+        param = "prompt" if isinstance(job.prompt, str) else "messages"
         room = new_tokens(prompt_tokens, job.settings.max_tokens, self.default_max_tokens,
-                          self.context)  # fmt: skip
+                          self.context, param)  # fmt: skip
         job.emit(("start", prompt_tokens))
         stops = StopText(job.settings.stop)
 
@@ -432,16 +433,19 @@ def context_length(chat: infer.ChatModel) -> int | None:
     return n if isinstance(n, int) and 0 < n < 10**7 else None
 
 
-def new_tokens(prompt: int, asked: int | None, default: int, context: int | None) -> int:
+def new_tokens(
+    prompt: int, asked: int | None, default: int, context: int | None, param: str = "messages"
+) -> int:
     """How many tokens a reply may have: `asked` (max_tokens), or `default` within what the
-    context leaves; an ApiError (400, context_length_exceeded) when they do not fit."""
+    context leaves; an ApiError (400, context_length_exceeded) when they do not fit (a prompt
+    alone over the context names `param`, the request's prompt field)."""
     if context is None:
         return asked or default
     room = context - prompt
     if room < 1:
         raise ApiError(
             400, f"the prompt is {prompt} tokens and this model's context is {context}: "
-            "shorten the prompt", "messages", "context_length_exceeded",
+            "shorten the prompt", param, "context_length_exceeded",
         )  # fmt: skip
     if asked is None:
         return min(default, room)
@@ -525,7 +529,7 @@ class Server:
     def _check_key(self, header: str | None) -> None:
         if self.key is None:
             return
-        given = (header or "").removeprefix("Bearer ").strip() if header else ""
+        given = (header or "").removeprefix("Bearer ").strip()
         if not header or not hmac.compare_digest(given.encode(), self.key.encode()):
             why = "no API key given" if not header else "wrong API key"
             raise ApiError(
