@@ -164,6 +164,8 @@ def test_models_lists_the_served_name(served: Served) -> None:
     models = served.client().models.list()
     assert [m.id for m in models.data] == ["run"]  # the run folder's name
     assert served.client().models.retrieve("run").owned_by == "lockstep"
+    with pytest.raises(openai.NotFoundError):
+        served.client().models.retrieve("other")
 
 
 def test_greedy_reply_is_lockstep_chats(
@@ -224,13 +226,14 @@ def test_eight_concurrent_requests_are_all_answered(served: Served) -> None:
     assert len({r.id for r in replies}) == 8
 
 
-def test_sampling_with_a_seed_repeats(served: Served) -> None:
-    first, again, other = (
-        ask(served, UPPER, temperature=1.5, top_p=0.95, seed=seed, max_tokens=12)
-        for seed in (5, 5, 6)
-    )
-    assert first.choices[0].message.content == again.choices[0].message.content
-    assert other.usage.completion_tokens >= 1
+def test_sampling_with_a_seed_repeats_and_user_is_accepted(served: Served) -> None:
+    texts = [
+        ask(served, UPPER, temperature=1.5, top_p=0.95, seed=seed, max_tokens=12, user="me")
+        .choices[0].message.content
+        for seed in (5, 5, 6, 7, 8)
+    ]  # fmt: skip
+    assert texts[0] == texts[1]  # the same seed, the same reply
+    assert len(set(texts)) > 1, texts  # sampled: other seeds, other replies
 
 
 def test_completions_take_the_raw_prompt(served: Served, run_dir: Path) -> None:
