@@ -388,7 +388,8 @@ def generate(
 
 
 class _StopOn:
-    """Stops generation once `event` is set: how Ctrl-C reaches the generating thread."""
+    """Stops generation once `event` is set: how Ctrl-C (chat), a stop string or a client that
+    has left (serve) reach the generating thread."""
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event

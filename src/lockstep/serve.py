@@ -225,7 +225,7 @@ def parse(kind: type[R], body: Any) -> R:
     if request.n not in (None, 1):
         why = f"n: lockstep serve answers one choice per request (n=1), got n={request.n}"
         raise ApiError(400, why, "n")
-    stops = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    stops = _stops(request)
     if len(stops) > 4 or not all(stops):
         raise ApiError(400, "stop: give up to 4 non-empty strings", "stop")
     return request
@@ -263,14 +263,18 @@ def settings(request: _Request) -> Settings:
         if asked is not None and asked != request.max_completion_tokens:
             raise ApiError(400, "give max_tokens or max_completion_tokens, not both", "max_tokens")
         asked = request.max_completion_tokens
-    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
     return Settings(
         max_tokens=asked,
         temperature=1.0 if request.temperature is None else request.temperature,
         top_p=1.0 if request.top_p is None else request.top_p,
         seed=request.seed,
-        stop=tuple(stop),
+        stop=_stops(request),
     )
+
+
+def _stops(request: _Request) -> tuple[str, ...]:
+    """`stop` as a tuple of strings (a string alone is one)."""
+    return (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
 
 
 def messages(request: ChatRequest) -> list[infer.Message]:
@@ -367,7 +371,8 @@ class Generator:
         self.thread.start()
 
     def close(self) -> None:
-        """Ends the thread after the job it is on (queued jobs are dropped)."""
+        """Ends the thread once the jobs queued before this call are done (or skipped: a stopping
+        server cancels the requests still open)."""
         self.jobs.put(None)
 
     def submit(self, job: Job) -> None:
