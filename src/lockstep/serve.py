@@ -380,7 +380,8 @@ class Generator:
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancel.is_set():  # its client has gone
+            if job.cancel.is_set():  # its client has gone: the answer reaches nobody
+                job.emit(("error", ApiError(400, "the client left before its turn")))
                 continue
             try:
                 self._answer(job)
@@ -571,14 +572,14 @@ class Server:
 
     async def chat(self, request: Any) -> Any:
         req = parse(ChatRequest, await _body(request))
-        return await self._answer(req, messages(req), "chat.completion", "chatcmpl")
+        return await self._answer(request, req, messages(req), "chat.completion", "chatcmpl")
 
     async def completions(self, request: Any) -> Any:
         req = parse(CompletionRequest, await _body(request))
-        return await self._answer(req, raw_prompt(req), "text_completion", "cmpl")
+        return await self._answer(request, req, raw_prompt(req), "text_completion", "cmpl")
 
     async def _answer(
-        self, req: _Request, prompt: list[infer.Message] | str, kind: str, prefix: str
+        self, request: Any, req: _Request, prompt: list[infer.Message] | str, kind: str, prefix: str
     ) -> Any:
         """Queue the job; answer its error, its whole reply, or a stream of its pieces."""
         self._check_model(req.model)
@@ -587,6 +588,7 @@ class Server:
         self.generator.submit(job)
         shape = Shape(kind, f"{prefix}-{uuid.uuid4().hex}", int(time.time()), self.name)
         streaming = False
+        gone = asyncio.create_task(_cancel_when_gone(request, job))
         try:
             first = await reply.next()
             if first[0] == "error":
@@ -605,8 +607,17 @@ class Server:
                 raise event[1]
             return _json(shape.whole("".join(pieces), event[1], usage_of(first[1], event[2])))
         finally:
+            gone.cancel()  # a stream watches its client itself (Starlette)
             if not streaming:
                 job.cancel.set()  # done, failed, or the client left: nothing more to generate
+
+
+async def _cancel_when_gone(request: Any, job: Job) -> None:
+    """Cancels `job` once its client disconnects before the answer starts (a reply waiting in
+    the queue or being generated whole, that nobody would read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel.set()
 
 
 @dataclass(frozen=True)
@@ -686,7 +697,12 @@ def _json(data: dict[str, Any], status: int = 200) -> Any:
 
 async def _body(request: Any) -> Any:
     """The request's JSON; an ApiError (400) when it is not JSON."""
-    raw = await request.body()
+    from starlette.requests import ClientDisconnect
+
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        raise ApiError(400, "the client left before sending the whole body") from None
     try:
         return json.loads(raw)
     except ValueError as e:
