@@ -246,6 +246,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return infer.main(args)
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lockstep import serve
+
+    return serve.main(args)
+
+
 def _cmd_env(args: argparse.Namespace) -> int:
     from lockstep.report import env
 
@@ -336,6 +342,31 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_traceback_flag(p)
     p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser(
+        "serve", help="an OpenAI-compatible HTTP server for a model, a run or an adapter",
+        description="Serve MODEL over OpenAI's API: GET /v1/models, POST /v1/chat/completions "
+        "(streaming too), POST /v1/completions. Prompts are rendered as `lockstep chat` renders "
+        "them. Concurrent requests wait in a queue: one generation thread answers them one at a "
+        "time, in order of arrival. Needs the serve extra: pip install 'lockstep-finetune[serve]'.",
+    )  # fmt: skip
+    p.add_argument(
+        "model", help="a run's output_dir, a Hugging Face folder, an adapter, or builtin:tiny"
+    )
+    p.add_argument("--adapter", help="a PEFT adapter folder to apply on top of MODEL")
+    p.add_argument("--name", help="the model id clients ask for (default: MODEL's folder name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default 8000)")
+    p.add_argument(
+        "--api-key", dest="api_key",
+        help="answer only requests with 'Authorization: Bearer KEY' (default: $LOCKSTEP_API_KEY)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-tokens", dest="max_tokens", type=int, default=256,
+        help="max_tokens of a request that gives none, within the context (default 256)",
+    )  # fmt: skip
+    add_traceback_flag(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("env", help="versions, devices, and where lockstep is imported from")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -297,49 +297,29 @@ def read_message(ask=input) -> str:
 
 def reply(chat: ChatModel, history: list[Message], args: argparse.Namespace) -> str:
     """Stream one assistant turn to stdout and append it to `history`."""
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import TextIteratorStreamer
 
-    model, tok = chat.model, chat.tokenizer
-    try:
-        kwargs = chat.template_kwargs
-        inputs = tok.apply_chat_template(
-            history, add_generation_prompt=True, return_tensors="pt", return_dict=True, **kwargs
+    inputs = encode(chat, history)
+    if getattr(args, "show_prompt", False):
+        prompt = chat.tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, tokenize=False, **chat.template_kwargs
         )
-        if getattr(args, "show_prompt", False):
-            prompt = tok.apply_chat_template(
-                history, add_generation_prompt=True, tokenize=False, **kwargs
-            )
-            print(f"[lockstep] prompt:\n{prompt}\n[lockstep] end of prompt", file=sys.stderr,
-                  flush=True)  # fmt: skip
-    except Exception as e:  # no template, or one that refuses a role (e.g. system)
-        raise ModelError(
-            f"the tokenizer's chat template cannot render this conversation: {first_line(e)}"
-        ) from None
-    inputs = inputs.to(model.device)
-    sampling = args.temperature > 0
-    extra = {"temperature": args.temperature, "top_p": args.top_p} if sampling else {}
-    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        print(f"[lockstep] prompt:\n{prompt}\n[lockstep] end of prompt", file=sys.stderr,
+              flush=True)  # fmt: skip
+    streamer = TextIteratorStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
     stop = threading.Event()
     failure: list[BaseException] = []
 
-    def generate() -> None:
+    def run() -> None:
         try:
-            with torch.inference_mode():
-                model.generate(
-                    **inputs,
-                    max_new_tokens=args.max_new_tokens,
-                    do_sample=sampling,
-                    eos_token_id=tok.eos_token_id,
-                    pad_token_id=tok.pad_token_id,
-                    streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
-                    **extra,
-                )
+            generate(
+                chat, inputs, args.max_new_tokens, args.temperature, args.top_p, streamer, stop
+            )
         except BaseException as e:  # re-raised in the main thread, where errors are reported
             failure.append(e)
             streamer.end()  # else the reader below waits for text that never comes
 
-    thread = threading.Thread(target=generate, daemon=True)
+    thread = threading.Thread(target=run, daemon=True)
     pieces: list[str] = []
     try:  # started inside: a Ctrl-C right after the start still stops the thread
         thread.start()
@@ -359,8 +339,57 @@ def reply(chat: ChatModel, history: list[Message], args: argparse.Namespace) -> 
     return text
 
 
+def encode(chat: ChatModel, history: list[Message]) -> Any:
+    """The conversation as the model receives it: its chat template (with the run's template
+    variables) rendered to token ids, the assistant's turn opened. The same for `lockstep chat`
+    and `lockstep serve`. ModelError when the template cannot render it."""
+    try:
+        inputs = chat.tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, return_tensors="pt", return_dict=True,
+            **chat.template_kwargs,
+        )  # fmt: skip
+    except Exception as e:  # no template, or one that refuses a role (e.g. system)
+        raise ModelError(
+            f"the tokenizer's chat template cannot render this conversation: {first_line(e)}"
+        ) from None
+    return inputs.to(chat.model.device)
+
+
+def generate(
+    chat: ChatModel,
+    inputs: Any,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    streamer: Any,
+    stop: threading.Event,
+) -> torch.Tensor:
+    """One reply to `inputs` (a batch of one), its text handed to `streamer` as it is written;
+    greedy when `temperature` is 0, else sampled (with `top_p`) from torch's global generator.
+    Ends at the tokenizer's end-of-sequence token, after `max_new_tokens`, or at the next token
+    once `stop` is set. Returns the new token ids (the end-of-sequence token included)."""
+    from transformers import StoppingCriteriaList
+
+    model, tok = chat.model, chat.tokenizer
+    sampling = temperature > 0
+    extra = {"temperature": temperature, "top_p": top_p} if sampling else {}
+    with torch.inference_mode():
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_StopOn(stop)]),
+            **extra,
+        )
+    return out[0, inputs["input_ids"].shape[1] :]
+
+
 class _StopOn:
-    """Stops generation once `event` is set: how Ctrl-C reaches the generating thread."""
+    """Stops generation once `event` is set: how Ctrl-C (chat), a stop string or a client that
+    has left (serve) reach the generating thread."""
 
     def __init__(self, event: threading.Event) -> None:
         self.event = event
