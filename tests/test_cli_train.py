@@ -175,7 +175,8 @@ def test_every_command_takes_traceback():
     from lockstep.train import parse
 
     commands = [["train", "c.yaml"], ["data", "preview", "c.yaml"], ["export", "r", "--out", "o"],
-                ["eval", "c.yaml"], ["configs"], ["chat", "builtin:tiny"], ["env"]]  # fmt: skip
+                ["eval", "c.yaml"], ["configs"], ["chat", "builtin:tiny"], ["env"],
+                ["serve", "builtin:tiny"]]  # fmt: skip
     for argv in commands:
         assert parse(build_parser(), [*argv, "--traceback"]).traceback is True, argv
         assert parse(build_parser(), argv).traceback is False, argv
