@@ -290,3 +290,51 @@ def test_bad_mixing_values_are_one_line_config_errors(tmp_path, overrides, messa
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], res.stderr
     assert "Traceback" not in res.stderr and not (tmp_path / "out").exists()
+
+
+def test_packs_hold_one_dataset_when_mixing_and_only_then_is_the_cache_key_new(tmp_path):
+    from lockstep.config import DataConfig, ModelConfig
+    from lockstep.data.dataset import fingerprint
+    from lockstep.data.packing import pack
+    from lockstep.model.load import load_tokenizer
+
+    rows = [np.arange(1, 5)] * 6
+    samples = Samples(rows, rows, "fp", dataset=np.array([0, 0, 0, 1, 1, 1]))
+    assert pack(samples, 16).dataset.tolist() == [-1, 1]  # 4 + 2 samples: one pack mixes
+    assert pack(samples, 16, by_dataset=True).dataset.tolist() == [0, 1]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"instruction": "u", "output": "v"}])
+    tok = load_tokenizer(ModelConfig(path="builtin:tiny"))
+
+    def key(packing: bool, *weights) -> str:
+        train = [{"path": str(p), "weight": w} for p, w in zip((a, b), weights, strict=True)]
+        return fingerprint(DataConfig(train=train, packing=packing), tok)
+
+    assert key(False, None, None) == key(False, 1, 3) == key(False, 2, 1)  # order only
+    assert key(True, 1, 3) == key(True, 2, 1) != key(True, None, None)  # packs change
+
+
+def test_preference_pairs_mix_through_the_real_cli(tmp_path):
+    pa = write_jsonl(tmp_path / "pa.jsonl", [
+        {"instruction": f"Say hi {i}", "input": "", "chosen": f"hi {i}", "rejected": f"no {i}"}
+        for i in range(6)
+    ])  # fmt: skip
+    pb = write_jsonl(tmp_path / "pb.jsonl", [
+        {"instruction": f"Count {i}", "input": "", "chosen": f"{i} {i + 1}", "rejected": "x"}
+        for i in range(4)
+    ])  # fmt: skip
+    data = {"train": [{"path": str(pa), "repeat": 0.5}, {"path": str(pb), "repeat": 2}]}
+    cfg = small_config(tmp_path, data=data, finetune={"stage": "preference"},
+                       batch={"global_size": 4, "micro_size": 2}, train={"max_steps": 6},
+                       log={"every_steps": 1, "sample_ids": True})  # fmt: skip
+    res = run_cli("train", str(cfg))
+    assert res.returncode == 0, res.stderr
+    assert "pb.jsonl: 4 pairs, " in res.stderr and "8 pairs per epoch (72.7% of 11" in res.stderr
+    steps = read_steps(tmp_path / "out")
+    assert sorted(steps) == list(range(1, 7))  # 2 epochs of ceil(11 / 4) steps
+    for epoch in range(2):
+        ids = sum((steps[3 * epoch + k] for k in (1, 2, 3)), Counter())
+        assert sum(n for i, n in ids.items() if i < 6) == 3  # half of pa's pairs
+        assert all(ids[i] == 2 for i in range(6, 10))  # every pb pair twice
+    first_two = sum(steps.values(), Counter())
+    assert sorted(i for i in first_two if i < 6) == list(range(6))  # pa: halves, no repeat
