@@ -146,6 +146,21 @@ def test_pairs_mix_by_their_chosen_row_and_refuse_a_weighted_empty_dataset():
         mixing.of(entries(weight=[1, 1, 1]), units)
 
 
+def test_a_validation_split_keeps_each_training_sample_s_dataset():
+    from lockstep.training.evaluate import split_validation
+
+    rows = [np.arange(1, 4)] * 10
+    samples = Samples(rows, rows, "fp", dataset=np.array([0] * 4 + [1] * 6))
+    train, held = split_validation(samples, 0.3, seed=5)
+    assert len(train) == 7 and len(held) == 3
+    assert train.datasets().tolist() == sorted(train.datasets().tolist())  # still grouped
+    mixture = mixing.of(entries(weight=[1, 1]), mixing.unit_datasets(train, pairs=False))
+    assert sum(mixture.sizes) == 7 and mixture.counts == (4, 3)  # 3.5 each: the tie to the first
+    assert Counter(train.datasets().tolist()) + Counter(held.datasets().tolist()) == Counter(
+        {0: 4, 1: 6}
+    )
+
+
 def test_an_older_cache_entry_of_several_datasets_is_tokenised_again(tmp_path):
     samples = Samples([np.arange(1, 4)] * 2, [np.arange(1, 4)] * 2, "fp")  # no dataset index
     cache.save(tmp_path / "entry.npz", samples)

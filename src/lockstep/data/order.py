@@ -89,14 +89,20 @@ def stream(seed: int, dataset: int, n: int, start: int, count: int) -> np.ndarra
     return joined[start - first * n : start - first * n + count]
 
 
-@lru_cache(maxsize=4)
 def epoch_units(seed: int, epoch: int, mixture: Mixture) -> np.ndarray:
-    """The unit ids epoch `epoch` trains on, in dataset order (the order shuffles them)."""
+    """The unit ids epoch `epoch` trains on, in dataset order (`mixed_permutation` shuffles)."""
     rows = zip(mixture.starts, mixture.sizes, mixture.counts, strict=True)
     parts = [start + stream(seed, d, n, epoch * c, c) for d, (start, n, c) in enumerate(rows)]
-    units = np.concatenate(parts).astype(np.int64)
-    units.setflags(write=False)
-    return units
+    return np.concatenate(parts).astype(np.int64)
+
+
+@lru_cache(maxsize=4)
+def mixed_permutation(seed: int, epoch: int, mixture: Mixture) -> np.ndarray:
+    """Epoch `epoch`'s unit ids as its steps take them: `epoch_units` in the order
+    permutation(seed, epoch, E) gives, E = mixture.epoch_size."""
+    order = epoch_units(seed, epoch, mixture)[permutation(seed, epoch, mixture.epoch_size)]
+    order.setflags(write=False)
+    return order
 
 
 @dataclass(frozen=True)
@@ -144,10 +150,9 @@ class Order:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The unit ids of epoch `epoch`, in the order its steps take them."""
-        perm = permutation(self.seed, epoch, self.epoch_size)
         if self.mixture is None:
-            return perm
-        return epoch_units(self.seed, epoch, self.mixture)[perm]
+            return permutation(self.seed, epoch, self.num_samples)
+        return mixed_permutation(self.seed, epoch, self.mixture)
 
     def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
         """The micro-batches rank `rank` trains on at `step`, in accumulation order."""
