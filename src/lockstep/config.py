@@ -147,6 +147,14 @@ class DatasetConfig(Section):
     """Fields of the records that are known to be unused (not listed as unused at start-up)."""
     max_samples: PosInt | None = None
     """Use only the first N records of this dataset."""
+    weight: Annotated[FiniteFloat, Field(ge=0)] | None = None
+    """This dataset's share of each epoch: weight / the sum of the weights, of an epoch as long
+    as one pass over all of data.train (set it on every entry, or on none). Up-weighted, a
+    dataset repeats, going through all its samples before any comes again; down-weighted, each
+    epoch continues where the last stopped. 0 leaves it out. README: "Mixing datasets"."""
+    repeat: Annotated[FiniteFloat, Field(gt=0)] | None = None
+    """Passes over this dataset per epoch: round(repeat x its samples), e.g. 2 (twice), 0.5
+    (half of it, the other half next epoch); entries without it count once. Not with weight."""
 
     @field_validator("columns")
     @classmethod
@@ -383,6 +391,7 @@ def check_world(cfg: RunConfig, world_size: int) -> None:
 
 def _check_combinations(cfg: RunConfig) -> None:
     """Values each valid alone that do not go together."""
+    _check_mixing(cfg.data)
     if cfg.finetune.lora.init_from and cfg.finetune.method != "lora":
         raise ConfigError(
             f"finetune.lora.init_from starts LoRA from an adapter, but finetune.method="
@@ -454,6 +463,42 @@ def _check_batch_split(cfg: RunConfig, world_size: int) -> None:
             f"each optimizer step must split into whole micro-batches on every process. "
             f"Set batch.global_size to a multiple of {per_step} (e.g. {lower} or "
             f"{lower + per_step}), or change batch.micro_size."
+        )
+
+
+def _check_mixing(data: DataConfig) -> None:
+    """data.train's weight / repeat: one way of mixing, weights on every entry and not all 0;
+    data.eval is read whole (README "Mixing datasets")."""
+    for i, ds in enumerate(data.eval):
+        for name in ("weight", "repeat"):
+            if getattr(ds, name) is not None:
+                raise ConfigError(
+                    f"data.eval.{i}.{name} is set, but evaluation reads every sample of data.eval "
+                    f"once: remove it (mixing applies to data.train)"
+                )
+    weighted = [i for i, ds in enumerate(data.train) if ds.weight is not None]
+    repeated = [i for i, ds in enumerate(data.train) if ds.repeat is not None]
+    if weighted and repeated:
+        both = [i for i in weighted if i in repeated]
+        where = (
+            f"data.train.{both[0]} sets both"
+            if both
+            else f"data.train.{weighted[0]}.weight and data.train.{repeated[0]}.repeat are set"
+        )
+        raise ConfigError(
+            f"{where}: weight and repeat are two ways of mixing; use one of them: weight on "
+            "every entry (shares of an epoch) or repeat (passes per epoch)"
+        )
+    if weighted and len(weighted) < len(data.train):
+        missing = [f"data.train.{i}.weight" for i in range(len(data.train)) if i not in weighted]
+        raise ConfigError(
+            f"{', '.join(missing)} is not set: with weights, every dataset's share is its "
+            "weight / the sum of all weights: set a weight on every entry (0 leaves one out)"
+        )
+    if weighted and not any(ds.weight for ds in data.train):
+        raise ConfigError(
+            "data.train: every weight is 0, so no dataset is trained on: give at least one "
+            "dataset a positive weight"
         )
 
 

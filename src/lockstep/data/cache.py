@@ -37,6 +37,8 @@ def save(path: Path, samples: Samples) -> None:
         "labels": np.concatenate(samples.labels).astype(np.int32),
         "stats": np.array(json.dumps(samples.stats.to_json())),
     }
+    if samples.dataset is not None:
+        arrays["dataset"] = samples.dataset.astype(np.int32)
     if samples.position_ids is not None:
         arrays["position_ids"] = np.concatenate(samples.position_ids).astype(np.int32)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -45,17 +47,24 @@ def save(path: Path, samples: Samples) -> None:
     tmp.replace(path)
 
 
-def load(path: Path, fp: str) -> Samples:
-    """The samples of a cache entry; ValueError naming what is wrong with a damaged one."""
+def load(path: Path, fp: str, datasets: int = 1) -> Samples:
+    """The samples of a cache entry; ValueError naming what is wrong with a damaged one, or
+    with an entry of several datasets (`datasets`) that does not say each row's (an earlier
+    lockstep's: it is tokenised again)."""
     with np.load(path) as z:
         lengths = z["lengths"]
         stats = BuildStats.from_json(json.loads(str(z["stats"])))
         arrays = {name: z[name] for name in ("input_ids", "labels", "position_ids") if name in z}
+        source = z["dataset"].astype(np.int64) if "dataset" in z else None
     _check_entry(lengths, arrays)
+    if source is None and datasets > 1:
+        raise ValueError("it does not say which dataset each sample is from (an older lockstep)")
+    if source is not None and (source.shape != lengths.shape or source.max() >= datasets):
+        raise ValueError(f"its dataset indices do not fit {len(lengths)} samples of {datasets}")
     cuts = np.cumsum(lengths)[:-1]
     split = {name: [a.astype(np.int64) for a in np.split(v, cuts)] for name, v in arrays.items()}
     positions = split.get("position_ids")
-    return Samples(split["input_ids"], split["labels"], fp, stats, positions)
+    return Samples(split["input_ids"], split["labels"], fp, stats, positions, source)
 
 
 def _check_entry(lengths: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
@@ -94,7 +103,7 @@ def load_or_build(
     damaged = ""
     if path.is_file():
         try:
-            return load(path, fp), f"reusing tokenised data from {path}"
+            return load(path, fp, len(cfg.train)), f"reusing tokenised data from {path}"
         except Exception as e:  # zipfile, numpy, json and OS errors all mean: rebuild it
             damaged = f"the cache entry {path} is damaged ({first_line(e)}): "
     samples = build(cfg, tokenizer, fp)

@@ -117,6 +117,7 @@ class Samples:
     fingerprint: str
     stats: BuildStats = field(default_factory=BuildStats)
     position_ids: list[np.ndarray] | None = None  # packed: positions restart at each sample
+    dataset: np.ndarray | None = None  # each row's data.train index (-1: a pack of several)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -131,7 +132,8 @@ class Samples:
         fp = hashlib.sha256(f"{self.fingerprint}|without-last".encode()).hexdigest()[:16]
         positions = self.position_ids[:-1] if self.position_ids is not None else None
         stats = dataclasses.replace(self.stats)
-        return Samples(self.input_ids[:-1], self.labels[:-1], fp, stats, positions)
+        source = self.dataset[:-1] if self.dataset is not None else None
+        return Samples(self.input_ids[:-1], self.labels[:-1], fp, stats, positions, source)
 
     def subset(self, indices: list[int]) -> Samples:
         """Some of the samples (a held-out split); the counts of the build stay all the data's.
@@ -142,7 +144,9 @@ class Samples:
         """
         pos = [self.position_ids[i] for i in indices] if self.position_ids is not None else None
         ids, labels = [self.input_ids[i] for i in indices], [self.labels[i] for i in indices]
-        return Samples(ids, labels, self.fingerprint, dataclasses.replace(self.stats), pos)
+        source = self.dataset[indices] if self.dataset is not None else None
+        stats = dataclasses.replace(self.stats)
+        return Samples(ids, labels, self.fingerprint, stats, pos, source)
 
     def lengths(self) -> np.ndarray:
         return np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self))
@@ -161,6 +165,12 @@ class Samples:
         if self.position_ids is None:
             return len(self)
         return sum(int(np.count_nonzero(p == 0)) for p in self.position_ids)
+
+    def datasets(self) -> np.ndarray:
+        """Each row's data.train index (all 0 when the samples do not say: one dataset)."""
+        if self.dataset is None:
+            return np.zeros(len(self), dtype=np.int64)
+        return self.dataset
 
     def target_tokens(self, i: int) -> int:
         """Tokens that carry loss for sample i (labels are aligned with inputs, shifted later)."""
@@ -200,10 +210,17 @@ def check_files(cfg: DataConfig, section: str = "data.train") -> None:
 
 def fingerprint(cfg: DataConfig, tokenizer: Any) -> str:
     """What the samples depend on: contents, data settings, tokenizer + template, version."""
-    # these cannot change the samples
+    from lockstep.data.mixing import configured
+
+    # these cannot change the samples; a mixture changes only their order, or, packed, that
+    # each pack holds samples of one dataset
     exclude = {"num_proc", "cache", "cache_dir", "padding_free", "group_by_length", "num_workers"}
-    settings = json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True)
-    h = hashlib.sha256(f"v{DATA_VERSION}|{settings}|{tokenizer_fingerprint(tokenizer)}".encode())
+    settings = cfg.model_dump(mode="json", exclude=exclude)
+    for ds in settings["train"]:
+        del ds["weight"], ds["repeat"]
+    by_dataset = "|packed by dataset" if cfg.packing and configured(cfg.train) else ""
+    text = f"v{DATA_VERSION}|{json.dumps(settings, sort_keys=True)}{by_dataset}"
+    h = hashlib.sha256(f"{text}|{tokenizer_fingerprint(tokenizer)}".encode())
     for ds in cfg.train:
         h.update(sources.content_hash(ds.path, ds.split).encode())
     return h.hexdigest()[:16]
@@ -389,6 +406,7 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
     fp = fp or fingerprint(cfg, tokenizer)
     ids_list: list[np.ndarray] = []
     labels_list: list[np.ndarray] = []
+    source: list[int] = []
     bad: list[str] = []
     truncated = dropped = 0
     tally = _Tally()
@@ -417,6 +435,7 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
                 continue
             ids_list.append(np.asarray(ids, dtype=np.int64))
             labels_list.append(label_arr)
+            source.append(k)
     split = templates.split_markers(tokenizer, cfg.template)
     if split:
         tally.note("split_markers", "", ", ".join(split), len(records) - len(bad))
@@ -439,11 +458,12 @@ def build(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Samples:
         notes=tally.notes,
         unused=tally.unused,
     )
-    samples = Samples(ids_list, labels_list, fp, stats)
+    samples = Samples(ids_list, labels_list, fp, stats, dataset=np.asarray(source, np.int64))
     if cfg.packing:
+        from lockstep.data.mixing import configured
         from lockstep.data.packing import pack
 
-        samples = pack(samples, cfg.max_length)
+        samples = pack(samples, cfg.max_length, by_dataset=configured(cfg.train))
     return samples
 
 

@@ -41,8 +41,16 @@ def assign(lengths: list[int], capacity: int) -> list[list[int]]:
     return sorted((sorted(p) for p in packs), key=lambda p: p[0])
 
 
-def pack(samples: Samples, max_length: int) -> Samples:
-    groups = assign([len(x) for x in samples.input_ids], max_length)
+def pack(samples: Samples, max_length: int, by_dataset: bool = False) -> Samples:
+    """The samples packed (`assign`); `by_dataset` (a data.train mixture): each pack holds the
+    samples of one dataset, so the mixture can count packs per dataset. A pack's dataset is
+    its samples' one, or -1 when they come from several."""
+    lengths, source = [len(x) for x in samples.input_ids], samples.datasets()
+    runs = np.flatnonzero(np.diff(source)) + 1 if by_dataset else []
+    groups: list[list[int]] = []
+    for part in np.split(np.arange(len(source)), runs):
+        first = int(part[0])
+        groups += [[first + i for i in g] for g in assign([lengths[i] for i in part], max_length)]
     ids, labels, positions = [], [], []
     for group in groups:
         ids.append(np.concatenate([samples.input_ids[i] for i in group]))
@@ -54,4 +62,6 @@ def pack(samples: Samples, max_length: int) -> Samples:
     tokens = sum(len(x) for x in ids)
     efficiency = round(tokens / (len(groups) * max_length), 4)
     stats = dataclasses.replace(samples.stats, packing_efficiency=efficiency)
-    return Samples(ids, labels, samples.fingerprint, stats, positions)
+    kinds = [np.unique(source[g]) for g in groups]
+    packed = np.array([int(k[0]) if len(k) == 1 else -1 for k in kinds], dtype=np.int64)
+    return Samples(ids, labels, samples.fingerprint, stats, positions, packed)

@@ -141,6 +141,7 @@ def build_pairs(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Sampl
     fp = fp or fingerprint(cfg, tokenizer)
     render = renderer(cfg, tokenizer)
     rows: list[Row] = []
+    source: list[int] = []
     bad: list[str] = []
     truncated = dropped = 0
     tally = dataset._Tally()
@@ -163,6 +164,7 @@ def build_pairs(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Sampl
             continue
         truncated += enc.truncated
         rows += enc.rows
+        source += [k] * len(enc.rows)
     split = templates.split_markers(tokenizer, cfg.template)
     if split:
         tally.note("split_markers", "", ", ".join(split), len(records) - len(bad))
@@ -180,4 +182,4 @@ def build_pairs(cfg: DataConfig, tokenizer: Any, fp: str | None = None) -> Sampl
         records=len(records) - len(bad), truncated=truncated, dropped=dropped,
         skipped=len(bad), first_skipped=bad[:3], notes=tally.notes, unused=tally.unused,
     )  # fmt: skip
-    return Samples(ids, labels, fp, stats)
+    return Samples(ids, labels, fp, stats, dataset=np.asarray(source, dtype=np.int64))

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from lockstep.config import DataConfig
+from lockstep.data import mixing
 from lockstep.data.dataset import Samples, describe
 from lockstep.data.render import IGNORE
 
@@ -61,6 +62,14 @@ def report(
             else ""
         )
         + f"fingerprint:    {samples.fingerprint}"
+        + "".join(f"\ndataset {line}" for line in mix_lines(samples, cfg, pairs))
         + "".join(f"\n{'warning' if warn else 'note'}: {line}" for warn, line in describe(st, cfg))
     )
     return "\n".join(parts)
+
+
+def mix_lines(samples: Samples, cfg: DataConfig, pairs: bool) -> list[str]:
+    """Per dataset: its units and tokens, and what each epoch takes of it (data/mixing.py),
+    over all the data (a run's data.val_fraction holds some out)."""
+    mixture = mixing.of(cfg.train, mixing.unit_datasets(samples, pairs))
+    return mixing.table(cfg.train, samples, pairs, mixture)

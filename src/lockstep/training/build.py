@@ -22,7 +22,7 @@ from tqdm import tqdm
 from lockstep import config as config_mod
 from lockstep import trackers
 from lockstep.config import DataConfig, RunConfig
-from lockstep.data import cache, templates
+from lockstep.data import cache, mixing, templates
 from lockstep.data.dataset import Samples, describe
 from lockstep.data.loader import micro_batches
 from lockstep.data.order import Order
@@ -73,7 +73,7 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
     lengths = objective.unit_lengths(samples) if cfg.data.group_by_length else None
     order = Order(
         cfg.seed, objective.units(samples), cfg.batch.global_size, cfg.batch.micro_size,
-        data_world, lengths,
+        data_world, lengths, mixing.of(cfg.data.train, mixing.unit_datasets(samples, pairs)),
     )  # fmt: skip
     steps = total_steps(cfg, order)
     if resumed and already_complete(resumed, steps, Path(cfg.output_dir), d):
@@ -335,6 +335,9 @@ def log_plan(
     unit = "packed sequences" if samples.packed else "samples"
     if cfg.finetune.stage == "preference":
         unit = f"answer pairs ({cfg.preference.loss}, reference: {reference_note(cfg)})"
+    pairs = cfg.finetune.stage == "preference"
+    for line in mixing.table(cfg.data.train, samples, pairs, order.mixture):
+        log.info(f"data mix: {line}")
     log.info(
         f"plan: {steps} optimizer steps ({epochs_text(cfg, order, steps)}) of {order.global_size} "
         f"{unit} = {order.world_size} process(es) x {order.accumulation} accumulation x "
