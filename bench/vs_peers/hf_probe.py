@@ -12,8 +12,10 @@ lockstep. It measures the same things lockstep writes to metrics.jsonl:
   every micro-batch that ``Trainer.training_step`` receives: what the loss really covered.
   lockstep's ``target_tokens`` count the same positions.
 * tokens: non-padding input tokens of those micro-batches; rows: their rows (a preference
-  micro-batch holds a chosen and a rejected row per pair).
+  micro-batch holds a chosen and a rejected row per pair); positions: every position of their
+  input rows, padding included (what the model really runs on).
 * losses: the logged loss of every optimizer step (logging_steps=1); logs: every logged row.
+* threads: torch's intra-op threads when the run ends.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Probe(TrainerCallback):
         self.target_tokens = 0
         self.tokens = 0
         self.rows = 0
+        self.positions = 0
         self.logs: list[dict] = []
         self.losses: list[float] = []
         self.model_info: dict = {}
@@ -54,6 +57,7 @@ class Probe(TrainerCallback):
                 probe.target_tokens += int(completion[..., 1:].sum())
             if ids is not None:
                 probe.rows += ids.size(0)
+                probe.positions += ids.numel()
                 probe.tokens += int((ids != probe.pad_token_id).sum())
             return original(self, model, inputs, *args, **kwargs)
 
@@ -88,9 +92,11 @@ class Probe(TrainerCallback):
             "target_tokens": self.target_tokens,
             "tokens": self.tokens,
             "rows": self.rows,
+            "positions": self.positions,
             "losses": self.losses,
             "logs": self.logs,
             "model": self.model_info,
+            "threads": torch.get_num_threads(),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             **extra,
         }

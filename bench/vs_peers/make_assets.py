@@ -1,12 +1,13 @@
 """The shared inputs of the peer benchmark: one model folder and one alpaca dataset.
 
-    .venv/bin/python bench/vs_peers/make_assets.py --out bench/vs_peers/work [--seed 0]
+    .venv/bin/python bench/vs_peers/make_assets.py --out bench/vs_peers/work/assets [--seed 0]
+                                                   [--fixture small|realistic]
 
 Runs in lockstep's venv (torch + transformers) and writes, under --out:
 
-* ``model/``: a Llama-architecture model (about 10M parameters) with random weights drawn from
-  --seed, written by ``save_pretrained`` (safetensors, float32), plus the tokenizer. Every tool
-  loads this same folder (lockstep: ``model.path: <folder>``).
+* ``model/``: a Llama-architecture model with random weights drawn from --seed, written by
+  ``save_pretrained`` (safetensors, float32), plus the tokenizer. Every tool loads this same
+  folder (lockstep: ``model.path: <folder>``).
 * ``data/train.jsonl``: --records alpaca records (``instruction``, ``input``, ``output``) from a
   seeded generator, and ``data/dataset_info.json`` naming it for LLaMA-Factory;
 * ``data/pairs.jsonl``: --pairs answer pairs in LLaMA-Factory's alpaca pairwise layout
@@ -32,6 +33,25 @@ The data is a set of word-level tasks (the demo task's idea, ``scripts/make_demo
 padded to its longest sample is mostly padding: padding and packing matter. Records longer than
 --max-tokens (ChatML, tokenizer above) are re-drawn, so no tool truncates or drops any sample.
 The same --seed always gives the same files.
+
+Two fixtures (--fixture), each in its own --out folder:
+
+* ``small`` (the default; the numbers in bench/RESULTS.md before issue 18): the model above,
+  about 10M parameters (6 blocks of 384, GQA 6/2 heads, tied embeddings, vocabulary 2,048), and
+  records of 2-100 words (about 20-450 tokens, median ~46).
+* ``realistic``: lengths like real chat data (alpaca-gpt4 / ShareGPT) and a model shaped like a
+  scaled-down Llama-3 / Qwen2.5. Word counts are log-normal (median 58 words, sigma 0.8), so a
+  record is ~135 tokens at the median, with a long tail to ~2,000 tokens (records over
+  --max-tokens, 2,000 by default here, are re-drawn; the measured median / p90 / max are in
+  assets.json). The model: 8 blocks of 512, SiLU MLP of 1,536, GQA (8 query heads, 2 key/value
+  heads of 64), RoPE (theta 500,000), untied embeddings and LM head, a vocabulary of 32,768
+  rows: about 58M parameters, 24M of them outside the embedding and the LM head. The tokenizer
+  is the same 2,048-token one (the word tasks use a few hundred distinct words, too few to train
+  a real 32k BPE on); the rows past 2,048 are never produced as input but the LM head and the
+  softmax compute all 32,768 logits of every position they run on, so a token costs exactly
+  what it costs with a 32k vocabulary (real models pad their vocabularies too). The tokenizer's
+  ``model_max_length`` is raised to 4,096 so no tool warns about or cuts the 2,000-token
+  records.
 """
 
 from __future__ import annotations
@@ -50,7 +70,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_demo_data import WORDS  # noqa: E402
 
-ASSETS_VERSION = 2  # bump when the generator or the model changes
+ASSETS_VERSION = 3  # bump when the generator or the model changes
 
 # ChatML, as in lockstep's built-in template, with the newline after <|im_end|> trained (see above)
 CHAT_TEMPLATE = """\
@@ -75,6 +95,27 @@ MODEL = {  # ~10M parameters: 6 blocks of 384, grouped-query attention, tied emb
     "tie_word_embeddings": True,
 }
 
+MODEL_REALISTIC = {  # ~58M parameters: a scaled-down Llama-3 / Qwen2.5 (see the docstring)
+    "vocab_size": 32768,
+    "hidden_size": 512,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+
+REALISTIC_WORDS = (58, 0.8)  # log-normal word count: median, sigma (~135 tokens at the median)
+
+FIXTURES = {  # name: (model, default --max-tokens)
+    "small": (MODEL, 500),
+    "realistic": (MODEL_REALISTIC, 2000),
+}
+
 
 def _numbered(ws: list[str]) -> str:
     return "\n".join(f"{i}. {w}" for i, w in enumerate(ws, 1))
@@ -92,9 +133,17 @@ TASKS = {
 }
 
 
-def make_record(rng: random.Random, words_range: tuple[int, int] = (2, 100)) -> dict[str, str]:
+def make_record(
+    rng: random.Random, words_range: tuple[int, int] = (2, 100), lognormal: bool = False
+) -> dict[str, str]:
+    """One word task. The word count is log-uniform over words_range, or, with lognormal,
+    log-normal with REALISTIC_WORDS' median and sigma (at least 1 word)."""
     task = rng.choice(list(TASKS))
-    n = round(math.exp(rng.uniform(*map(math.log, words_range))))
+    if lognormal:
+        median, sigma = REALISTIC_WORDS
+        n = max(1, round(rng.lognormvariate(math.log(median), sigma)))
+    else:
+        n = round(math.exp(rng.uniform(*map(math.log, words_range))))
     words = [rng.choice(WORDS) for _ in range(n)]
     return {
         "instruction": f"{task}\n\n{' '.join(words)}",
@@ -111,11 +160,13 @@ def chatml_ids(tok, rec: dict[str, str]) -> list[int]:
     return tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
 
 
-def make_data(tok, n: int, seed: int, max_tokens: int) -> tuple[list[dict], list[int]]:
+def make_data(
+    tok, n: int, seed: int, max_tokens: int, lognormal: bool = False
+) -> tuple[list[dict], list[int]]:
     rng = random.Random(seed)
     records, lengths = [], []
     while len(records) < n:
-        rec = make_record(rng)
+        rec = make_record(rng, lognormal=lognormal)
         length = len(chatml_ids(tok, rec))
         if length <= max_tokens:
             records.append(rec)
@@ -162,19 +213,23 @@ def _summary(lengths: list[int]) -> dict:
         "length_p50": lengths[len(lengths) // 2],
         "length_p90": lengths[len(lengths) * 9 // 10],
         "length_max": lengths[-1],
+        # sum(n^2) / sum(n): the mean, over tokens, of the length of the sample a token is in
+        # (what each token attends over; run.py's attention FLOPs)
+        "attention_span": round(sum(n * n for n in lengths) / max(1, sum(lengths)), 1),
     }
 
 
-def make_model(tok, seed: int, out: Path) -> int:
+def make_model(tok, seed: int, out: Path, shape: dict = MODEL) -> int:
+    """A Llama of the given shape (vocab_size defaults to the tokenizer's), random weights from
+    seed, saved to out; returns its parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=len(tok),
+        **{"vocab_size": len(tok), **shape},
         bos_token_id=None,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        **MODEL,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).to(torch.float32)
@@ -189,8 +244,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--records", type=int, default=4000)
     p.add_argument("--pairs", type=int, default=320, help="answer pairs to generate")
     p.add_argument("--check-pairs", type=int, default=16, help="pairs in data/check.jsonl")
-    p.add_argument("--max-tokens", type=int, default=500, help="longest record, in tokens")
+    p.add_argument("--max-tokens", type=int, help="longest record, in tokens (small: 500, "
+                   "realistic: 2000)")  # fmt: skip
+    p.add_argument("--fixture", choices=list(FIXTURES), default="small")
     args = p.parse_args(argv)
+    shape, default_max = FIXTURES[args.fixture]
+    if args.max_tokens is None:
+        args.max_tokens = default_max
 
     from transformers import AutoTokenizer
 
@@ -201,7 +261,12 @@ def main(argv: list[str] | None = None) -> None:
         "pairs": args.pairs,
         "check_pairs": args.check_pairs,
         "max_tokens": args.max_tokens,
-        "model": MODEL,
+        "model": shape,
+        **(
+            {"fixture": args.fixture, "words": list(REALISTIC_WORDS)}
+            if args.fixture != "small"
+            else {}
+        ),
     }
     done = args.out / "assets.json"
     if done.is_file() and json.loads(done.read_text()).get("stamp") == stamp:
@@ -215,11 +280,18 @@ def main(argv: list[str] | None = None) -> None:
 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(TOKENIZER_DIR / name, model_dir / name)
+    if args.fixture == "realistic":
+        tok_cfg = model_dir / "tokenizer_config.json"
+        tok_cfg.write_text(
+            json.dumps({**json.loads(tok_cfg.read_text()), "model_max_length": 4096}, indent=2)
+        )
     (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
     tok = AutoTokenizer.from_pretrained(model_dir)
-    params = make_model(tok, args.seed, model_dir)
+    params = make_model(tok, args.seed, model_dir, shape)
 
-    records, lengths = make_data(tok, args.records, args.seed, args.max_tokens)
+    records, lengths = make_data(
+        tok, args.records, args.seed, args.max_tokens, lognormal=args.fixture == "realistic"
+    )
     write_jsonl(data_dir / "train.jsonl", records)
     pairs, pair_lengths = make_pairs(tok, args.pairs, args.seed, args.max_tokens)
     write_jsonl(data_dir / "pairs.jsonl", pairs)
@@ -244,11 +316,18 @@ def main(argv: list[str] | None = None) -> None:
     }
     (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=2))
 
-    summary = {"parameters": params, "records": len(records), **_summary(lengths)}
+    summary = {
+        "fixture": args.fixture,
+        "parameters": params,
+        "model": {**shape, "vocab_size": shape.get("vocab_size", len(tok))},
+        "tokenizer_size": len(tok),
+        "records": len(records),
+        **_summary(lengths),
+    }
     summary["pairs"] = {"pairs": len(pairs), **_summary(pair_lengths)}
     done.write_text(json.dumps({"stamp": stamp, "summary": summary}, indent=2))
     print(
-        f"assets: {params / 1e6:.1f}M-parameter model, {len(records)} records "
+        f"assets ({args.fixture}): {params / 1e6:.1f}M-parameter model, {len(records)} records "
         f"(tokens per record: median {summary['length_p50']}, p90 {summary['length_p90']}, "
         f"max {summary['length_max']}), {len(pairs)} answer pairs (tokens per pair, both rows: "
         f"median {summary['pairs']['length_p50']}, max {summary['pairs']['length_max']}) in "

@@ -1,7 +1,8 @@
 """lockstep vs TRL (SFTTrainer) vs LLaMA-Factory: the same fine-tuning on the CPU, side by side.
 
-    python3 bench/vs_peers/run.py [--steps 20] [--repeats 3] [--cases full lora ...]
-                                  [--tools lockstep trl llamafactory] [--lockstep-set KEY=VALUE ...]
+    python3 bench/vs_peers/run.py [--fixture small|realistic] [--steps 20] [--repeats 3]
+                                  [--cases full lora ...] [--tools lockstep trl llamafactory]
+                                  [--lockstep-set KEY=VALUE ...]
 
 One command on a fresh machine (Python >= 3.10 and pip; this file needs the standard library
 only). It:
@@ -12,11 +13,25 @@ only). It:
    pulls another build. torchvision and torchaudio are never installed (LLaMA-Factory 0.9.5
    requires both: it is installed with ``--no-deps``, then its requirements less those two; see
    run_llamafactory.py). A venv whose install completed carries a marker file and is reused;
-3. builds the shared model and data under bench/vs_peers/work/assets (make_assets.py);
+3. builds the shared model and data of --fixture under bench/vs_peers/work/assets (small) or
+   work/assets-realistic (make_assets.py, which describes both);
 4. trains every case with every tool, ``--repeats`` times, alternating the tools (the order
    rotates each round, so a slow phase of the machine does not land on one tool); each run is a
    fresh process with a fresh output folder and a cold data cache (each tool tokenises);
-5. prints a table of medians and the lockstep/peer ratios, and writes --out (JSON, every run).
+5. prints a table of medians and the lockstep/peer ratios (each metric against every peer and
+   against the best one: for tokens/s, lockstep / the fastest peer), and writes --out (JSON,
+   every run; results.json for the small fixture, results-realistic.json for the other).
+
+The fixtures (--fixture) and the settings each one defaults to (all overridable):
+
+* ``small`` (the default, comparable with earlier results): ~10M parameters, vocabulary 2,048,
+  records of 20-500 tokens (median 46); micro-batch 4, accumulation 4, max length 512, and the
+  same 4 x 4 packed rows per step when packing.
+* ``realistic``: ~58M parameters shaped like a scaled-down Llama-3 (vocabulary 32,768, untied),
+  records with chat data's lengths (median ~130 tokens, tail to ~2,000); max length 2048 (no
+  record is cut), micro-batch 2, accumulation 2 (4 records per step), and with packing 1 x 1
+  packed row of 2,048 tokens per step (--pack-micro, --pack-accum): about 12 records, so a
+  packed step costs ~3x an unpacked one instead of ~10x and a run stays a few minutes on 2 cores.
 
 The cases (--cases): ``full``, ``lora``, ``full+packing``, ``lora+packing``. Every tool gets the
 same model folder, data file, micro-batch (--micro), gradient accumulation (--accum), max length
@@ -43,6 +58,41 @@ What is measured, per run:
 * final loss: the mean of the last 5 optimizer steps' losses (token-normalised over each step
   in all three tools). The tools see the samples in different orders, so this is a check that
   all of them train, not a ranking.
+* matmul peak: right before each run, matmul_peak.py (in lockstep's venv, torch's default
+  threads, as the peers use) times square float32 matmuls of 512, 1024 and 2048 and reports
+  the best GFLOP/s: what a dense GEMM reaches on this machine at that moment. Each run's own
+  intra-op thread count is stored as ``threads``: the peers use torch's default (one per core);
+  lockstep leaves out the cores other work is using (lockstep/threads.py, its log's first line),
+  so on a busy machine it may run on fewer threads than the peak was measured with.
+* achieved GFLOP/s and its share of that peak: model FLOPs of the run / its training-loop
+  seconds, and that / the peak. Model FLOPs are counted from the model's shape (config.json)
+  and the run's own token counts, the usual way (matmuls only, 2 FLOPs per multiply-add,
+  backward = 2x forward):
+
+  - the blocks (N = the weights of q, k, v, o, gate, up, down in all layers): full fine-tuning
+    6 N per token (forward 2 N, input gradient 2 N, weight gradient 2 N); LoRA 4 N per token
+    (the frozen weights' forward and input gradient) plus 6 x the adapters' own weights
+    (r x (in + out) per projection). Layer 0's q, k and v need no input gradient (they read the
+    frozen embedding's output), so this overcounts LoRA slightly: 2 x their weights and
+    adapters' A per token (0.7% of the realistic model's LoRA FLOPs).
+  - attention: 12 x layers x heads x head_dim x S per token, S the mean over tokens of the
+    length of the sample a token is in (sum n^2 / sum n over the data set, assets.json's
+    ``attention_span``): each sample attending over itself alone, with no causal halving (the
+    usual convention). Work across samples in a masked packed row, or on padding, is not
+    counted.
+  - the LM head (vocabulary x hidden): 6 per weight and position for full fine-tuning (it
+    trains), 4 for LoRA (frozen: forward and input gradient), on the positions each tool
+    really runs it on: lockstep only on target tokens (its chunked loss gathers them before
+    the head), TRL and LLaMA-Factory on every position (the model's full logits); padding
+    positions are not counted for any tool.
+  - tokens are each tool's own non-padding count (lockstep's ``tokens``; the peers' count in
+    hf_probe.py). Not counted: the embedding lookup, norms, activations, softmax and cross
+    entropy, RoPE, the optimizer, the peers' padded positions (stored as ``positions`` and
+    ``padded_share``), and the masked cross-sample work of a packed row.
+
+  So the achieved FLOP/s is how fast a tool does the model work it chose to do on real tokens;
+  a tool that skips work (lockstep's head on targets only) does fewer FLOPs for the same
+  tokens, which shows in tokens/s, not here.
 
 The median over the repeats is reported. ``--lockstep-set KEY=VALUE`` (repeatable) passes extra
 overrides to every lockstep run, e.g. ``--lockstep-set data.num_proc=2``; lockstep's configs are
@@ -55,6 +105,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -75,6 +126,17 @@ PEERS = {  # what goes into each peer's venv after torch
 }
 NEVER = {"torch", "torchvision", "torchaudio"}  # torch comes first, pinned; the others never
 TOOLS = ["lockstep", "trl", "llamafactory"]
+FIXTURES = {  # name: assets folder, results file, and the settings that fit it (overridable)
+    "small": {"assets": "assets", "out": "results.json", "micro": 4, "accum": 4,
+              "pack_micro": 4, "pack_accum": 4, "max_length": 512},
+    "realistic": {"assets": "assets-realistic", "out": "results-realistic.json", "micro": 2,
+                  "accum": 2, "pack_micro": 1, "pack_accum": 1, "max_length": 2048},
+}  # fmt: skip
+HEAD_ON = {  # the token count each tool runs the LM head on (see the docstring)
+    "lockstep": "target_tokens",
+    "trl": "tokens",
+    "llamafactory": "tokens",
+}
 CASES = {  # name: (method, packing)
     "full": ("full", False),
     "lora": ("lora", False),
@@ -212,8 +274,20 @@ def _scalar(v) -> str:
     return json.dumps(str(v))
 
 
+def batch_shape(args, case: str) -> tuple[int, int]:
+    """(micro-batch, accumulation) of a case: --pack-micro/--pack-accum when it packs."""
+    return (args.pack_micro, args.pack_accum) if CASES[case][1] else (args.micro, args.accum)
+
+
+def run_name(args, case: str) -> str:
+    """The case's name in file names, prefixed with the fixture unless it is the small one."""
+    name = case.replace("+", "-")
+    return name if args.fixture == "small" else f"{args.fixture}-{name}"
+
+
 def lockstep_config(args, case: str, assets: Path) -> Path:
     method, packing = CASES[case]
+    micro, accum = batch_shape(args, case)
     cfg = {
         "output_dir": "(set per run)",
         "seed": args.seed,
@@ -232,7 +306,7 @@ def lockstep_config(args, case: str, assets: Path) -> Path:
             "max_length": args.max_length,
             "packing": packing,
         },
-        "batch": {"global_size": args.micro * args.accum, "micro_size": args.micro},
+        "batch": {"global_size": micro * accum, "micro_size": micro},
         "train": {"max_steps": args.steps},
         "optim": {
             "lr": args.lr,
@@ -244,7 +318,7 @@ def lockstep_config(args, case: str, assets: Path) -> Path:
         "checkpoint": {"every_steps": None},
         "log": {"every_steps": 1},
     }
-    path = WORK / "configs" / f"lockstep-{case.replace('+', '-')}.yaml"
+    path = WORK / "configs" / f"lockstep-{run_name(args, case)}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"# lockstep side of bench/vs_peers, case {case}\n{to_yaml(cfg)}\n")
     return path
@@ -252,14 +326,15 @@ def lockstep_config(args, case: str, assets: Path) -> Path:
 
 def peer_spec(args, case: str, assets: Path, out: Path) -> Path:
     method, packing = CASES[case]
+    micro, accum = batch_shape(args, case)
     spec = {
         "model": str(assets / "model"),
         "data": str(assets / "data" / "train.jsonl"),
         "output_dir": str(out / "run"),
         "result": str(out / "result.json"),
         "steps": args.steps,
-        "micro": args.micro,
-        "accum": args.accum,
+        "micro": micro,
+        "accum": accum,
         "max_length": args.max_length,
         "lr": args.lr,
         "seed": args.seed,
@@ -313,8 +388,41 @@ def run_process(cmd: list[str], out: Path) -> dict:
     return row
 
 
+def matmul_peak() -> dict:
+    """This machine's float32 matmul peak now (matmul_peak.py in lockstep's venv)."""
+    out = subprocess.run(
+        [str(LOCKSTEP_PY), str(HERE / "matmul_peak.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV},
+    )
+    if out.returncode:
+        sys.exit(f"vs_peers: matmul_peak.py failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def model_flops(shape: dict, span: float, method: str, lora_r: int, tokens: int,
+                head_positions: int) -> float:  # fmt: skip
+    """Model FLOPs of a training run: `tokens` non-padding tokens through the blocks and
+    attention (each token attending over a sample of `span` tokens), the LM head on
+    `head_positions` of them; full fine-tuning or LoRA of rank lora_r on every projection of the
+    blocks. Counted as the run.py docstring says (matmuls only, backward = 2x forward)."""
+    h, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    head_dim = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q = shape["num_attention_heads"] * head_dim
+    kv = shape.get("num_key_value_heads", shape["num_attention_heads"]) * head_dim
+    projections = [(h, q), (h, kv), (h, kv), (q, h), (h, inter), (h, inter), (inter, h)]
+    blocks = layers * sum(i * o for i, o in projections)
+    head = shape["vocab_size"] * h
+    attention = 12 * layers * q * span * tokens
+    if method == "full":
+        return 6 * blocks * tokens + attention + 6 * head * head_positions
+    adapters = layers * sum(lora_r * (i + o) for i, o in projections)
+    return (4 * blocks + 6 * adapters) * tokens + attention + 4 * head * head_positions
+
+
 def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> dict:
-    out = fresh_folder(f"{tool}-{case.replace('+', '-')}-{rnd}")
+    out = fresh_folder(f"{tool}-{run_name(args, case)}-{rnd}")
     if tool == "lockstep":
         cfg = lockstep_config(args, case, assets)
         cmd = [
@@ -333,7 +441,10 @@ def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> di
             str(HERE / f"run_{tool}.py"),
             str(peer_spec(args, case, assets, out)),
         ]
+    peak = matmul_peak()
     row = {"tool": tool, "case": case, "round": rnd, **run_process(cmd, out)}
+    row["matmul_peak_gflops"] = peak["gflops"]
+    row["matmul_peak"] = peak
     if "error" in row:
         return row
     m = (
@@ -351,9 +462,24 @@ def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> di
             "tokens_per_s": round(m["target_tokens"] / m["train_s"], 1),
             "final_loss": round(statistics.fmean(losses[-LAST_LOSSES:]), 4),
             "losses": [round(x, 4) for x in losses],
-            **{k: m[k] for k in ("train_runtime", "model", "padding_free") if k in m},
+            **{k: m[k] for k in ("train_runtime", "model", "padding_free", "threads") if k in m},
         }
     )
+    if m.get("positions"):
+        row["positions"] = m["positions"]
+        row["padded_share"] = round(1 - m["tokens"] / m["positions"], 4)
+    info = json.loads((assets / "assets.json").read_text())["summary"]
+    flops = model_flops(
+        json.loads((assets / "model" / "config.json").read_text()),
+        info["attention_span"],
+        CASES[case][0],
+        args.lora_r,
+        m["tokens"],
+        m[HEAD_ON[tool]],
+    )
+    row["model_gflop"] = round(flops / 1e9, 1)
+    row["achieved_gflops"] = round(flops / 1e9 / m["train_s"], 2)
+    row["peak_share"] = round(row["achieved_gflops"] / peak["gflops"], 4)
     if row["steps"] != args.steps:
         log(f"warning: {tool} {case} ran {row['steps']} steps, not {args.steps}")
     shutil.rmtree(out / "run", ignore_errors=True)  # model files: not needed, and large
@@ -365,7 +491,9 @@ def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> di
 def lockstep_metrics(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
+    threads = re.search(r"(\d+) intra-op thread", (run_dir.parent / "log.txt").read_text())
     return {
+        "threads": int(threads.group(1)) if threads else None,
         "train_s": rows[-1]["elapsed_s"],
         "steps": rows[-1]["step"],
         "target_tokens": sum(r["target_tokens"] for r in rows),
@@ -394,6 +522,9 @@ def summarise(runs: list[dict], tools: list[str], cases: list[str]) -> list[dict
                     "final_loss",
                     "train_s",
                     "target_tokens",
+                    "achieved_gflops",
+                    "matmul_peak_gflops",
+                    "peak_share",
                 ):
                     row[key] = statistics.median(r[key] for r in ok)
             summary.append(row)
@@ -422,7 +553,7 @@ def ratios(summary: list[dict], cases: list[str]) -> list[dict]:
 
 def print_tables(summary: list[dict], ratio_rows: list[dict], peers: list[str]) -> None:
     print()
-    head = f"{'tool':<13} {'case':<13} {'tokens/s':>9} {'wall s':>8} {'peak RSS MiB':>13} {'final loss':>11} {'runs':>5}"  # noqa: E501
+    head = f"{'tool':<13} {'case':<13} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8} {'wall s':>8} {'peak RSS MiB':>13} {'final loss':>11} {'runs':>5}"  # noqa: E501
     print(head)
     print("-" * len(head))
     for s in summary:
@@ -430,8 +561,15 @@ def print_tables(summary: list[dict], ratio_rows: list[dict], peers: list[str]) 
             print(f"{s['tool']:<13} {s['case']:<13} {'failed':>9}")
             continue
         print(
-            f"{s['tool']:<13} {s['case']:<13} {s['tokens_per_s']:>9,.0f} {s['wall_s']:>8.1f} "
+            f"{s['tool']:<13} {s['case']:<13} {s['tokens_per_s']:>9,.0f} "
+            f"{s['achieved_gflops']:>8.1f} {s['peak_share']:>8.1%} {s['wall_s']:>8.1f} "
             f"{s['peak_rss_mib']:>13,.0f} {s['final_loss']:>11.4f} {s['runs']:>5}"
+        )
+    peaks = [s["matmul_peak_gflops"] for s in summary if s["runs"]]
+    if peaks:
+        print(
+            f"matmul peak (float32, measured before each run): median {statistics.median(peaks):.1f}"
+            f" GFLOP/s (range {min(peaks):.1f}-{max(peaks):.1f}); GFLOP/s: model FLOPs / loop s"
         )
     if not ratio_rows:
         return
@@ -456,9 +594,18 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tools", nargs="+", default=TOOLS, choices=TOOLS)
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    p.add_argument("--micro", type=int, default=4, help="micro-batch (samples per forward pass)")
-    p.add_argument("--accum", type=int, default=4, help="gradient accumulation steps")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument(
+        "--fixture",
+        choices=list(FIXTURES),
+        default="small",
+        help="small: the original fixture; realistic: chat-length records, a 32k-vocabulary "
+        "58M Llama (see make_assets.py); the settings below default to the fixture's",
+    )
+    p.add_argument("--micro", type=int, help="micro-batch (samples per forward pass)")
+    p.add_argument("--accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--pack-micro", type=int, help="micro-batch when packing (packed rows)")
+    p.add_argument("--pack-accum", type=int, help="gradient accumulation steps when packing")
+    p.add_argument("--max-length", type=int)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
@@ -472,15 +619,19 @@ def main() -> None:
         help="an extra lockstep override for every lockstep run (repeatable)",
     )
     p.add_argument("--setup-only", action="store_true", help="create venvs and assets, then stop")
-    p.add_argument("--out", type=Path, default=HERE / "results.json")
+    p.add_argument("--out", type=Path, help="default: results.json (small), "
+                   "results-realistic.json (realistic)")  # fmt: skip
     args = p.parse_args()
-    if args.max_length < 500:
-        sys.exit("vs_peers: --max-length must be >= 500 (the longest generated record)")
+    fixture = FIXTURES[args.fixture]
+    for key in ("micro", "accum", "pack_micro", "pack_accum", "max_length"):
+        if getattr(args, key) is None:
+            setattr(args, key, fixture[key])
+    args.out = args.out or HERE / fixture["out"]
 
     t_start = time.perf_counter()
     ensure_lockstep()
     pys = {t: ensure_peer(t) for t in args.tools if t != "lockstep"}
-    assets = WORK / "assets"
+    assets = WORK / fixture["assets"]
     subprocess.run(
         [
             str(LOCKSTEP_PY),
@@ -491,11 +642,21 @@ def main() -> None:
             str(args.seed),
             "--records",
             str(args.records),
+            "--fixture",
+            args.fixture,
         ],
         check=True,
         env={**os.environ, **ENV},
     )
-    vers = {"lockstep": versions(LOCKSTEP_PY, ["lockstep", "torch", "transformers", "peft"])}
+    longest = json.loads((assets / "assets.json").read_text())["summary"]["length_max"]
+    if args.max_length < longest:
+        sys.exit(
+            f"vs_peers: --max-length {args.max_length} would cut records: the longest of the "
+            f"{args.fixture} fixture has {longest} tokens; use --max-length {longest} or more"
+        )
+    vers = {
+        "lockstep": versions(LOCKSTEP_PY, ["lockstep-finetune", "torch", "transformers", "peft"])
+    }
     for tool, py in pys.items():
         name = "llamafactory" if tool == "llamafactory" else "trl"
         vers[tool] = versions(py, [name, "torch", "transformers", "peft", "accelerate", "datasets"])
@@ -523,7 +684,11 @@ def main() -> None:
                     log(
                         f"  {row['tokens_per_s']:,.0f} target tok/s ({row['target_tokens']} in "
                         f"{row['train_s']:.1f}s), wall {row['wall_s']:.1f}s, "
-                        f"RSS {row['peak_rss_mib']:,.0f} MiB, loss {row['final_loss']:.4f}"
+                        f"RSS {row['peak_rss_mib']:,.0f} MiB, loss {row['final_loss']:.4f}, "
+                        f"{row['achieved_gflops']:.1f} GFLOP/s = {row['peak_share']:.1%} of "
+                        f"the {row['matmul_peak_gflops']:.1f} GFLOP/s matmul peak "
+                        f"({row['matmul_peak']['threads']} threads; the run: "
+                        f"{row.get('threads')})"
                     )
 
     summary = summarise(runs, args.tools, args.cases)
@@ -534,6 +699,7 @@ def main() -> None:
     assets_info = json.loads((assets / "assets.json").read_text())
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
+        "fixture": args.fixture,
         "machine": platform.platform(),
         "cpus": os.cpu_count(),
         "loadavg_before": round(load, 2),
