@@ -25,7 +25,8 @@ Two parts, in one run:
    one AdamW step: gradients, clipping and the optimizer agree; with LoRA it is shown, not
    judged, as each tool draws the adapters' A matrices from its own random stream). For SimPO and ORPO
    (reference-free: a step-1 loss that is not a constant), lockstep and LLaMA-Factory, whose
-   definitions agree (TRL 1.16's DPOTrainer has neither): the step-1 loss.
+   definitions agree (TRL 1.16's DPOTrainer has neither): the step-1 loss. Every judged value
+   must agree within 1e-4 (absolute).
 2. **Speed**: every case with every tool, --repeats rounds, alternating, over data/pairs.jsonl
    (--steps x global batch pairs: one epoch). Trained pairs per second = pairs / training
    seconds, where the training seconds are lockstep's ``elapsed_s`` at its last step plus its
@@ -75,7 +76,7 @@ CHECKS = (  # (name, method, loss, tools): the first-step agreement runs
     ("orpo-full", "full", "orpo", ["lockstep", "llamafactory"]),
 )
 CHECK_STEPS = 2
-TOLERANCE = 1e-4  # losses: absolute; summed log-probabilities: relative
+TOLERANCE = 1e-4  # absolute, on the losses and on the summed log-probabilities alike
 PEER_LOSS = {"dpo": "sigmoid", "simpo": "simpo", "orpo": "orpo"}
 REFERENCE_PASS = re.compile(r"reference log-probabilities: computed in ([0-9.]+)s")
 
@@ -227,20 +228,20 @@ def compare(name: str, loss: str, tool: str, base: dict, other: dict) -> dict:
     makes the adapters a no-op, are judged)."""
     row = {"check": name, "peer": tool, "values": {}, "agree": True}
 
-    def put(key: str, ours: float, theirs: float, relative: bool, judged: bool = True) -> None:
+    def put(key: str, ours: float, theirs: float, judged: bool = True) -> None:
         diff = abs(ours - theirs)
-        limit = TOLERANCE * (abs(ours) if relative else 1.0)
+        limit = TOLERANCE
         row["values"][key] = {"lockstep": ours, tool: theirs, "diff": diff, "limit": limit,
                               "judged": judged}  # fmt: skip
         if judged:
             row["agree"] = row["agree"] and diff <= limit
 
-    put("loss step 1", base["losses"][0], other["losses"][0], relative=False)
+    put("loss step 1", base["losses"][0], other["losses"][0])
     if loss == "dpo":  # the summed log-probabilities (SimPO/ORPO peers log per-token means)
         for key in ("logps/chosen", "logps/rejected"):
-            put(f"{key} step 1", base["first"][key], other["first"][key], relative=True)
+            put(f"{key} step 1", base["first"][key], other["first"][key])
         lora = name.endswith("lora")
-        put("loss step 2", base["losses"][1], other["losses"][1], False, judged=not lora)
+        put("loss step 2", base["losses"][1], other["losses"][1], judged=not lora)
     return row
 
 
