@@ -62,10 +62,11 @@ from run import (  # noqa: E402
     ensure_lockstep,
     ensure_peer,
     fresh_folder,
+    lockstep_settings,
     log,
     run_process,
-    to_yaml,
     versions,
+    write_lockstep_config,
 )
 
 CASES = ("full", "lora")
@@ -85,46 +86,20 @@ REFERENCE_PASS = re.compile(r"reference log-probabilities: computed in ([0-9.]+)
 
 
 def lockstep_config(args, name: str, method: str, loss: str, data: Path, model: Path) -> Path:
-    cfg = {
-        "output_dir": "(set per run)",
-        "seed": args.seed,
-        "model": {"path": str(model), "dtype": "float32"},
-        "finetune": {
-            "stage": "preference",
-            "method": method,
-            "lora": {
-                "r": args.lora_r,
-                "alpha": float(args.lora_alpha),
-                "dropout": 0.0,
-                "target_modules": "all-linear",
-            },
-        },
-        "preference": {
-            "loss": loss,
-            "beta": args.beta,
-            "gamma": args.gamma,
-            **({"orpo_lambda": args.beta} if loss == "orpo" else {}),
-        },  # fmt: skip
-        "data": {
-            "train": [{"path": str(data), "format": "alpaca"}],
-            "max_length": args.max_length,
-        },
-        "batch": {"global_size": args.micro * args.accum, "micro_size": args.micro},
-        "train": {"max_steps": args.steps if name in CASES else CHECK_STEPS},
-        "optim": {
-            "lr": args.lr,
-            "scheduler": "cosine",
-            "warmup_steps": 0,
-            "weight_decay": 0.0,
-            "grad_clip": 1.0,
-        },
-        "checkpoint": {"every_steps": None},
-        "log": {"every_steps": 1},
+    steps = args.steps if name in CASES else CHECK_STEPS
+    cfg = lockstep_settings(args, model, method, args.micro, args.accum, steps)
+    cfg["finetune"]["stage"] = "preference"
+    cfg["preference"] = {
+        "loss": loss,
+        "beta": args.beta,
+        "gamma": args.gamma,
+        **({"orpo_lambda": args.beta} if loss == "orpo" else {}),
     }
-    path = WORK / "configs" / f"lockstep-dpo-{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# lockstep side of bench/vs_peers/dpo.py, {name}\n{to_yaml(cfg)}\n")
-    return path
+    cfg["data"] = {
+        "train": [{"path": str(data), "format": "alpaca"}],
+        "max_length": args.max_length,
+    }
+    return write_lockstep_config(f"dpo-{name}", f"bench/vs_peers/dpo.py, {name}", cfg)
 
 
 def run_tool(args, tool: str, name: str, method: str, loss: str, data: Path, steps: int,

@@ -285,13 +285,15 @@ def run_name(args, case: str) -> str:
     return name if args.fixture == "small" else f"{args.fixture}-{name}"
 
 
-def lockstep_config(args, case: str, assets: Path) -> Path:
-    method, packing = CASES[case]
-    micro, accum = batch_shape(args, case)
-    cfg = {
+def lockstep_settings(args, model: Path, method: str, micro: int, accum: int, steps: int) -> dict:
+    """The lockstep config every benchmark run shares (run.py and dpo.py add their data): the
+    seed, the model in float32, the method with LoRA on every linear layer, the batch, the steps,
+    the optimizer (cosine, no warmup, no weight decay, clipping 1.0), no mid-run checkpoints and
+    a metrics row every step (the orchestrators sum its tokens)."""
+    return {
         "output_dir": "(set per run)",
         "seed": args.seed,
-        "model": {"path": str(assets / "model"), "dtype": "float32"},
+        "model": {"path": str(model), "dtype": "float32"},
         "finetune": {
             "method": method,
             "lora": {
@@ -301,13 +303,8 @@ def lockstep_config(args, case: str, assets: Path) -> Path:
                 "target_modules": "all-linear",
             },
         },
-        "data": {
-            "train": [{"path": str(assets / "data" / "train.jsonl"), "format": "alpaca"}],
-            "max_length": args.max_length,
-            "packing": packing,
-        },
         "batch": {"global_size": micro * accum, "micro_size": micro},
-        "train": {"max_steps": args.steps},
+        "train": {"max_steps": steps},
         "optim": {
             "lr": args.lr,
             "scheduler": "cosine",
@@ -318,10 +315,26 @@ def lockstep_config(args, case: str, assets: Path) -> Path:
         "checkpoint": {"every_steps": None},
         "log": {"every_steps": 1},
     }
-    path = WORK / "configs" / f"lockstep-{run_name(args, case)}.yaml"
+
+
+def write_lockstep_config(name: str, what: str, cfg: dict) -> Path:
+    """work/configs/lockstep-NAME.yaml holding `cfg`, headed by `what` it is for."""
+    path = WORK / "configs" / f"lockstep-{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"# lockstep side of bench/vs_peers, case {case}\n{to_yaml(cfg)}\n")
+    path.write_text(f"# lockstep side of {what}\n{to_yaml(cfg)}\n")
     return path
+
+
+def lockstep_config(args, case: str, assets: Path) -> Path:
+    method, packing = CASES[case]
+    micro, accum = batch_shape(args, case)
+    cfg = lockstep_settings(args, assets / "model", method, micro, accum, args.steps)
+    cfg["data"] = {
+        "train": [{"path": str(assets / "data" / "train.jsonl"), "format": "alpaca"}],
+        "max_length": args.max_length,
+        "packing": packing,
+    }
+    return write_lockstep_config(run_name(args, case), f"bench/vs_peers, case {case}", cfg)
 
 
 def peer_spec(args, case: str, assets: Path, out: Path) -> Path:

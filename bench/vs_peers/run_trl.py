@@ -74,41 +74,35 @@ def lora_config(spec: dict) -> LoraConfig | None:
     )
 
 
-def dpo(spec: dict) -> None:
-    """DPOTrainer, sigmoid loss, its defaults otherwise: the reference computed live each step (a
-    frozen copy of the model for full fine-tuning; the adapters disabled for LoRA), chosen and
-    rejected rows padded to the longest of the micro-batch (its padding_free is unavailable for
-    DPO in this version). The prompt is the user turn; each answer the assistant turn, so the
-    trained tokens are ``{answer}<|im_end|>\n`` as in lockstep and LLaMA-Factory."""
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    data = load_dataset("json", data_files=spec["data"], split="train")
-    data = data.map(to_pair, remove_columns=data.column_names)
-    args = DPOConfig(
-        output_dir=spec["output_dir"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["micro"],
-        gradient_accumulation_steps=spec["accum"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        seed=spec["seed"],
-        max_length=spec["max_length"],
-        loss_type=["sigmoid"],
-        beta=spec["beta"],
-        gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        model_init_kwargs={"dtype": "float32"},
-        dataloader_num_workers=0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-    )
-    probe = Probe(tokenizer.pad_token_id).install()
-    trainer = DPOTrainer(
+def shared_args(spec: dict) -> dict:
+    """The Trainer settings SFT and DPO runs share (see the module docstring)."""
+    return {
+        "output_dir": spec["output_dir"],
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["micro"],
+        "gradient_accumulation_steps": spec["accum"],
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": spec["seed"],
+        "max_length": spec["max_length"],
+        "gradient_checkpointing": False,
+        "bf16": False,
+        "fp16": False,
+        "model_init_kwargs": {"dtype": "float32"},
+        "dataloader_num_workers": 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+    }
+
+
+def train_and_report(trainer_class, args, spec: dict, data, tokenizer, probe: Probe) -> None:
+    """Train, save the final model as a user would, and write the probe's result."""
+    trainer = trainer_class(
         model=spec["model"],
         args=args,
         train_dataset=data,
@@ -118,13 +112,29 @@ def dpo(spec: dict) -> None:
     )
     out = trainer.train()
     trainer.save_model(str(Path(spec["output_dir"]) / "final"))
+    extra = {"padding_free": bool(trainer.padding_free)} if hasattr(trainer, "padding_free") else {}
     probe.write(
         spec["result"],
         tool="trl",
         train_runtime=out.metrics.get("train_runtime"),
         process_s=time.perf_counter() - T_START,
         versions_extra={"trl": trl.__version__},
+        **extra,
     )
+
+
+def dpo(spec: dict) -> None:
+    """DPOTrainer, sigmoid loss, its defaults otherwise: the reference computed live each step (a
+    frozen copy of the model for full fine-tuning; the adapters disabled for LoRA), chosen and
+    rejected rows padded to the longest of the micro-batch (its padding_free is unavailable for
+    DPO in this version). The prompt is the user turn; each answer the assistant turn, so the
+    trained tokens are ``{answer}<|im_end|>\n`` as in lockstep and LLaMA-Factory."""
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    data = load_dataset("json", data_files=spec["data"], split="train")
+    data = data.map(to_pair, remove_columns=data.column_names)
+    args = DPOConfig(**shared_args(spec), loss_type=["sigmoid"], beta=spec["beta"])
+    probe = Probe(tokenizer.pad_token_id).install()
+    train_and_report(DPOTrainer, args, spec, data, tokenizer, probe)
 
 
 def main() -> None:
@@ -134,51 +144,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     data = load_dataset("json", data_files=spec["data"], split="train")
     data = data.map(to_messages, remove_columns=data.column_names)
-
-    args = SFTConfig(
-        output_dir=spec["output_dir"],
-        max_steps=spec["steps"],
-        per_device_train_batch_size=spec["micro"],
-        gradient_accumulation_steps=spec["accum"],
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        seed=spec["seed"],
-        max_length=spec["max_length"],
-        packing=spec["packing"],
-        assistant_only_loss=True,
-        gradient_checkpointing=False,
-        bf16=False,
-        fp16=False,
-        model_init_kwargs={"dtype": "float32"},
-        dataloader_num_workers=0,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-    )
-    peft_config = lora_config(spec)
+    args = SFTConfig(**shared_args(spec), packing=spec["packing"], assistant_only_loss=True)
     probe = Probe(tokenizer.pad_token_id).install()
-    trainer = SFTTrainer(
-        model=spec["model"],
-        args=args,
-        train_dataset=data,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[probe],
-    )
-    out = trainer.train()
-    trainer.save_model(str(Path(spec["output_dir"]) / "final"))
-    probe.write(
-        spec["result"],
-        tool="trl",
-        train_runtime=out.metrics.get("train_runtime"),
-        process_s=time.perf_counter() - T_START,
-        padding_free=bool(trainer.padding_free),
-        versions_extra={"trl": trl.__version__},
-    )
+    train_and_report(SFTTrainer, args, spec, data, tokenizer, probe)
 
 
 if __name__ == "__main__":
