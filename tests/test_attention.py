@@ -210,46 +210,37 @@ def test_flash_for_a_soft_capping_model_needs_flash_attn_2_6(gpu, monkeypatch, t
 # ---- samples in a packed batch see only themselves, whatever kernel runs -----------------
 
 
-def gemma2_folder(tmp_path: Path) -> Path:
-    """A tiny random Gemma-2 (soft-capping, sliding window) with the built-in tokenizer."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+def tiny_family_folder(tmp_path: Path, family: str, sliding_window: int) -> Path:
+    """A tiny random model of `family` (transformers' FamilyConfig / FamilyForCausalLM) with the
+    built-in tokenizer and the given sliding window, saved once under tmp_path/family."""
+    import transformers
+    from transformers import AutoTokenizer
 
-    folder = tmp_path / "gemma2"
+    folder = tmp_path / family.lower()
     if (folder / "config.json").is_file():
         return folder
     tok = AutoTokenizer.from_pretrained(BUILTIN_DIR / "tiny")
-    config = Gemma2Config(
+    config = getattr(transformers, f"{family}Config")(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=sliding_window,
         max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        Gemma2ForCausalLM(config).save_pretrained(folder)
+        getattr(transformers, f"{family}ForCausalLM")(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def gemma2_folder(tmp_path: Path) -> Path:
+    """A tiny random Gemma-2 (soft-capping, sliding window) with the built-in tokenizer."""
+    return tiny_family_folder(tmp_path, "Gemma2", sliding_window=6)
 
 
 def mistral_folder(tmp_path: Path) -> Path:
     """A tiny random Mistral whose sliding window (4) is shorter than the test's samples."""
-    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
-
-    folder = tmp_path / "mistral"
-    if (folder / "config.json").is_file():
-        return folder
-    tok = AutoTokenizer.from_pretrained(BUILTIN_DIR / "tiny")
-    config = MistralConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4,
-        max_position_embeddings=256, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        MistralForCausalLM(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return tiny_family_folder(tmp_path, "Mistral", sliding_window=4)
 
 
 def cpu_kernels(cfg: ModelConfig) -> list[str]:
