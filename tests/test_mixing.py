@@ -19,6 +19,7 @@ from lockstep.config import DatasetConfig
 from lockstep.data import cache, mixing
 from lockstep.data.dataset import Samples
 from lockstep.data.order import PAD, Mixture, Order, stream
+from lockstep.report.metrics import read
 
 A, B = 16, 16  # records of the two datasets: ids 0..15 are A's, 16..31 B's
 EPOCH_STEPS = 4  # 32 samples an epoch, global batch 8
@@ -198,7 +199,7 @@ def read_steps(out: Path) -> dict[int, Counter]:
 
 
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return read(out / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
