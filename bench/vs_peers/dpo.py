@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -56,7 +55,6 @@ from run import (  # noqa: E402
     ENV,
     HERE,
     LOCKSTEP_PY,
-    ROOT,
     TOOLS,
     WORK,
     ensure_lockstep,
@@ -66,6 +64,7 @@ from run import (  # noqa: E402
     log,
     run_process,
     versions,
+    where_and_when,
     write_lockstep_config,
 )
 
@@ -352,14 +351,7 @@ def main() -> None:
     print_report(checks, summary, ratio_rows)
     assets = json.loads((WORK / "assets" / "assets.json").read_text())["summary"]
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": round(load, 2),
-        "loadavg_after": round(os.getloadavg()[0], 2),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip(),  # fmt: skip
+        **where_and_when(load),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "assets": {"model_parameters": assets["parameters"], "pairs": assets["pairs"]},
         "versions": vers,

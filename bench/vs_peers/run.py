@@ -518,6 +518,21 @@ def lockstep_metrics(run_dir: Path) -> dict:
 # ---------------------------------------------------------------- report
 
 
+def where_and_when(load_before: float) -> dict:
+    """What a results file says of its run: date, machine, CPUs, the load average before (as
+    measured before the runs) and now, and the commit."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_before": round(load_before, 2),
+        "loadavg_after": round(os.getloadavg()[0], 2),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+        ).stdout.strip(),
+    }
+
+
 def summarise(runs: list[dict], tools: list[str], cases: list[str]) -> list[dict]:
     summary = []
     for case in cases:
@@ -711,15 +726,8 @@ def main() -> None:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     assets_info = json.loads((assets / "assets.json").read_text())
     result = {
-        "date": time.strftime("%Y-%m-%d %H:%M"),
+        **where_and_when(load),
         "fixture": args.fixture,
-        "machine": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_before": round(load, 2),
-        "loadavg_after": round(os.getloadavg()[0], 2),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip(),
         "settings": settings,
         "assets": assets_info["summary"],
         "versions": vers,
