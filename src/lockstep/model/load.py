@@ -97,10 +97,11 @@ def load_model(cfg: ModelConfig, init_seed: int, quantize: str | None = None) ->
     where, fresh = resolve(cfg.path)
     dtype = weights_dtype(cfg)
     attn = None if cfg.attn_implementation == "auto" else cfg.attn_implementation
-    if attn == "lockstep_segments":  # lockstep's own kernel: transformers learns it first
-        from lockstep.model.attention import register_segments
+    if attn is not None:  # lockstep's own kernel: transformers learns it first
+        from lockstep.model import attention  # (it imports this module)
 
-        register_segments()
+        if attn == attention.SEGMENTS:
+            attention.register_segments()
     common: dict = {"trust_remote_code": cfg.trust_remote_code}
     if quantize:
         from transformers import BitsAndBytesConfig
