@@ -244,6 +244,7 @@ def test_one_and_two_processes_train_the_same_mixed_batches(runs):
     assert shas == [r["batch_sha"] for r in metrics(runs["one"][0] / "out")][:8]
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes; CI runs it
 def test_a_two_process_checkpoint_resumes_the_mixture_on_one(runs, tmp_path):
     two = runs["two"][0]
     ckpt = two / "out" / "checkpoints" / "step-00000004"
@@ -255,6 +256,7 @@ def test_a_two_process_checkpoint_resumes_the_mixture_on_one(runs, tmp_path):
     assert [r["batch_sha"] for r in resumed] == [r["batch_sha"] for r in metrics(two / "out")[4:]]
 
 
+@pytest.mark.slow  # the default suite stays under 10 minutes; CI runs it
 def test_kill_9_and_resume_reproduce_the_mixed_order(runs, tmp_path):
     reference = runs["one"][0]
     cfg = mixed_config(tmp_path, train={"max_steps": 30}, checkpoint={"every_steps": 15})
