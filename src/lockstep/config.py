@@ -296,6 +296,11 @@ class LogConfig(Section):
     """The trackers' name of the run; None: the output_dir's folder name."""
     sample_ids: bool = False
     """Each rank writes the sample ids of every micro-batch to OUTPUT/sample_ids/ (debugging)."""
+    profile: tuple[PosInt, PosInt] | None = None
+    """Profile optimizer steps [FIRST, LAST] (counted from 1, both included) with torch.profiler:
+    per rank, the timeline, the operators by their own time, and the share of the phases (data,
+    forward, backward, step, after) in OUTPUT/profile/; rank 0 logs the shares. Start after a
+    step or two of warm-up, e.g. [3, 4]. None: no profiling."""
 
 
 class LaunchConfig(Section):
@@ -445,6 +450,12 @@ def _check_combinations(cfg: RunConfig) -> None:
             "train.strategy=fsdp: quantised weights cannot be sharded by FSDP2 here. Use "
             "train.strategy=ddp (each GPU holds the quantised base), or LoRA without quantize "
             "under fsdp"
+        )
+    if cfg.log.profile and cfg.log.profile[0] > cfg.log.profile[1]:
+        first, last = cfg.log.profile
+        raise ConfigError(
+            f"log.profile=[{first}, {last}]: the first step comes after the last; "
+            f"write [{last}, {first}] (steps FIRST to LAST, counted from 1)"
         )
     _check_preference(cfg)
 

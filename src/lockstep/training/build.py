@@ -44,6 +44,7 @@ from lockstep.training.evaluate import eval_split
 from lockstep.training.objective import objective as objective_of
 from lockstep.training.optim import build_optimizer, build_scheduler
 from lockstep.training.options import RunOptions
+from lockstep.training.profile import Profile
 from lockstep.training.state import Layout, LogWindow, Run, fingerprint_fields
 
 
@@ -138,6 +139,8 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         bar=tqdm(total=steps, initial=start_step, disable=not d.is_main, desc="train",
                  unit="step", mininterval=0.5),
         window=LogWindow(checkpoint.log_window(resumed)), adapter_sha=adapter_sha,
+        profile=Profile(cfg.log.profile, out / "profile",
+                        f"rank{data_rank}" + ("-replay" if opts.as_rank else ""), d.device),
     )  # fmt: skip
 
 

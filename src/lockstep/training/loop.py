@@ -3,7 +3,9 @@
 - build (training/build.py): the `Run` (training/state.py), everything training needs;
 - train: `train_step` for each step, then what follows a step: its log row, the eval, the
   checkpoint, a stop asked for by a signal;
-- `train_step` = `forward_backward` over this rank's micro-batches, then one optimizer step;
+- `train_step` = `forward_backward` over this rank's micro-batches, then `optimizer_step`;
+- log.profile's steps are profiled by phase (training/profile.py: data, forward, backward,
+  step, after);
 - finish (training/final.py): the final model, the loss curve, the before/after table.
 
 What the loss is belongs to the run's objective (training/objective.py); how checkpoints are
@@ -34,6 +36,7 @@ from lockstep.training.evaluate import evaluate
 from lockstep.training.loss import backward_scale
 from lockstep.training.options import RunOptions
 from lockstep.training.preempt import Preempted, StopFlag
+from lockstep.training.profile import describe
 from lockstep.training.state import Run, StepResult, fingerprint_fields
 
 
@@ -64,15 +67,20 @@ def train(run: Run) -> float:
             evaluate_now(run, 0)
             run.window.started = time.perf_counter()  # the first row's tokens/s: training only
         for step in range(run.start_step, run.steps):
+            run.profile.begin(step + 1)
             result = train_step(run, step)
-            log_step(run, result)
-            evaluate_if_due(run, result.done)
-            signum = stop.agreed(run.d)
-            every = run.cfg.checkpoint.every_steps
-            if signum or result.done == run.steps or (every and result.done % every == 0):
-                path = save(run, result.done)
-                if signum:
-                    raise Preempted(signum, result.done, path)
+            with run.profile.phase("after"):
+                log_step(run, result)
+                evaluate_if_due(run, result.done)
+                signum = stop.agreed(run.d)
+                every = run.cfg.checkpoint.every_steps
+                if signum or result.done == run.steps or (every and result.done % every == 0):
+                    path = save(run, result.done)
+                    if signum:
+                        raise Preempted(signum, result.done, path)
+            profiled = run.profile.end(result.done)
+            if profiled and run.d.is_main:
+                logmod.get().info(describe(profiled, run.profile.folder, run.profile.name))
     finally:
         stop.uninstall()
     return time.perf_counter() - run.started
@@ -80,12 +88,22 @@ def train(run: Run) -> float:
 
 def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step (`step` counts from 0) over this rank's micro-batches of it."""
-    ids = run.order.global_batch(step)
-    rows = [int(i) for i in run.objective.rows(ids) if i != PAD]
-    tokens = sum(len(run.samples.input_ids[i]) for i in rows)
-    targets = sum(run.samples.target_tokens(i) for i in rows)
-    denominator = run.objective.denominator(run.samples, ids)
+    with run.profile.phase("data"):
+        ids = run.order.global_batch(step)
+        rows = [int(i) for i in run.objective.rows(ids) if i != PAD]
+        tokens = sum(len(run.samples.input_ids[i]) for i in rows)
+        targets = sum(run.samples.target_tokens(i) for i in rows)
+        denominator = run.objective.denominator(run.samples, ids)
     sums = forward_backward(run, step, backward_scale(run.d.world_size, denominator))
+    with run.profile.phase("step"):
+        return optimizer_step(run, step, sums, denominator, (tokens, targets))
+
+
+def optimizer_step(
+    run: Run, step: int, sums: torch.Tensor, denominator: int, counts: tuple[int, int]
+) -> StepResult:
+    """The step's loss summed over the ranks, gradient clipping, the optimizer and the
+    scheduler; `counts`: the global batch's (tokens, target tokens), for the log."""
     if run.d.distributed:
         tdist.all_reduce(sums)
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip is not None else math.inf
@@ -103,7 +121,7 @@ def train_step(run: Run, step: int) -> StepResult:
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     named = dict(zip(run.objective.metrics, metrics, strict=True))
-    return StepResult(step + 1, loss, grad_norm, lr, tokens, targets, named)
+    return StepResult(step + 1, loss, grad_norm, lr, *counts, named)
 
 
 def forward_backward(run: Run, step: int, scale: float) -> torch.Tensor:
@@ -113,16 +131,18 @@ def forward_backward(run: Run, step: int, scale: float) -> torch.Tensor:
     train_step)."""
     sums = torch.zeros(1 + len(run.objective.metrics), dtype=torch.float64, device=run.d.device)
     for a in range(run.order.accumulation):
-        ids, batch = next(run.batches)
-        if run.ids_log:
-            run.ids_log.write(
-                json.dumps({"step": step + 1, "micro": a, "ids": ids.tolist()}) + "\n"
-            )
-        batch = to_device(run.objective.prepare(ids, batch), run.d.device, non_blocking=True)
+        with run.profile.phase("data"):
+            ids, batch = next(run.batches)
+            if run.ids_log:
+                run.ids_log.write(
+                    json.dumps({"step": step + 1, "micro": a, "ids": ids.tolist()}) + "\n"
+                )
+            batch = to_device(run.objective.prepare(ids, batch), run.d.device, non_blocking=True)
         with parallel.gradient_sync(run.trainee, last=a == run.order.accumulation - 1):
-            with parallel.autocast(run.cfg, run.d):
+            with run.profile.phase("forward"), parallel.autocast(run.cfg, run.d):
                 summed = run.trainee(batch).reshape(-1)
-            (summed[0] * scale).backward()
+            with run.profile.phase("backward"):
+                (summed[0] * scale).backward()
         if run.opts.debug and not math.isfinite(summed[0].item()):
             raise TrainingError(
                 f"step {step + 1}, micro-batch {a}: non-finite loss {summed[0].item()}"

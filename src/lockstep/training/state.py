@@ -23,6 +23,7 @@ from lockstep.report.metrics import MetricsWriter
 from lockstep.training.checkpoint import Loaded, Saver
 from lockstep.training.objective import Objective
 from lockstep.training.options import RunOptions
+from lockstep.training.profile import Profile
 
 MicroBatch = tuple[np.ndarray, dict[str, Any]]  # (sample ids, collated tensors)
 
@@ -105,6 +106,7 @@ class Run:
     ids_log: IO[str] | None  # log.sample_ids: which samples each micro-batch held
     bar: tqdm
     window: LogWindow
+    profile: Profile  # log.profile's profiler (idle outside its steps)
     started: float = field(default_factory=time.perf_counter)  # perf_counter() when built
     adapter_sha: str = ""  # adapters.init_from_digest of finetune.lora.init_from ("" without)
 
@@ -119,6 +121,7 @@ class Run:
     def close(self, status: str = "finished") -> None:
         """Close the outputs; the trackers' runs end as `status` (finished, failed, stopped)."""
         self.bar.close()
+        self.profile.close()
         self.metrics.close(status)
         if self.ids_log:
             self.ids_log.close()
