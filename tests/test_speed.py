@@ -15,7 +15,7 @@ from lockstep.data.order import PAD, Order
 from lockstep.data.render import IGNORE
 from lockstep.model.load import load_model
 from lockstep.report.metrics import read
-from lockstep.training.loss import CausalLMLoss, chunked_cross_entropy
+from lockstep.training.loss import CausalLMLoss, chunked_cross_entropy, with_target_index
 
 STEPS = 6
 
@@ -123,6 +123,19 @@ def test_chunked_weight_gradient_allocates_no_weight_sized_tensor_per_chunk(dtyp
     assert CountWeightSized.created <= 3, CountWeightSized.created
     loss.backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_of_no_targets_is_zero_with_zero_gradients(dtype):
+    """The head's gradient is written by the first chunk, not zero-filled first: with no target
+    at all (a micro-batch of prompts only) it must still come out zero, not uninitialised."""
+    h = torch.randn(0, 16, requires_grad=True)
+    w = torch.randn(512, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = chunked_cross_entropy(h, w, torch.zeros(0, dtype=torch.long), 8)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(w.grad, torch.zeros_like(w))
 
 
 def test_chunked_loss_under_bfloat16_autocast_is_close_to_plain():
@@ -291,3 +304,40 @@ def test_host_reads_per_step_do_not_grow_with_accumulation(tmp_path):
         return mode.waits
 
     assert waits(8) == waits(2)  # accumulation 1 and 4: the same number of host waits
+
+
+def test_lora_backward_computes_no_gradient_of_a_frozen_weight():
+    """LoRA's frozen weights cost their forward and the input gradient, nothing more: no matrix
+    product in forward or backward yields a tensor shaped like a frozen weight (the base
+    projections, the LM head), and no frozen weight ends with a gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lockstep.config import FinetuneConfig, LoraSettings
+    from lockstep.model.adapters import apply
+
+    model = apply(
+        FinetuneConfig(method="lora", lora=LoraSettings(r=4)),
+        load_model(ModelConfig(), init_seed=3),
+        init_seed=0,
+    )
+    base = {n: p for n, p in model.named_parameters() if "lora_" not in n}
+    assert not [n for n, p in base.items() if p.requires_grad]
+    frozen = {tuple(p.shape) for p in base.values() if p.dim() == 2}
+    products = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.mm.out, torch.ops.aten.addmm_.default}  # fmt: skip
+
+    class Products(TorchDispatchMode):
+        shapes: list[tuple[int, ...]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in products:
+                Products.shapes.append(tuple(out.shape))
+            return out
+
+    with Products():
+        CausalLMLoss(model, 16)(with_target_index(random_batch())).backward()
+    assert len(Products.shapes) > 20  # the forward and backward of every projection were seen
+    assert not [s for s in Products.shapes if s in frozen], frozen
+    assert all(p.grad is None for p in base.values())
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

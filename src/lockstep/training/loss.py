@@ -113,11 +113,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             w = weight.to(dtype)
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad_h = torch.empty_like(hidden) if grads and hidden.requires_grad else None
-            grad_w = (
-                torch.zeros_like(weight, dtype=torch.float32)
-                if grads and weight.requires_grad
-                else None
-            )
+            grad_w = None
+            if grads and weight.requires_grad:  # the first chunk writes it: no zero-filling
+                new = torch.empty_like if hidden.size(0) else torch.zeros_like
+                grad_w = new(weight, dtype=torch.float32)
             # one [vocab, hidden] product buffer for every chunk (none needed in float32)
             product = (
                 torch.empty_like(weight, dtype=dtype)
@@ -141,7 +140,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_h is not None:
                     grad_h[s : s + chunk] = (p @ w).to(hidden.dtype)
                 if product is not None:  # accumulated in float32 without a float32 copy
-                    grad_w.add_(torch.mm(p.T, h, out=product))
+                    torch.mm(p.T, h, out=product)
+                    if s == 0:
+                        grad_w.copy_(product)
+                    else:
+                        grad_w.add_(product)
+                elif grad_w is not None and s == 0:
+                    torch.mm(p.T, h, out=grad_w)
                 elif grad_w is not None:
                     grad_w.addmm_(p.T, h)
         ctx.save_for_backward(grad_h, grad_w)
