@@ -214,6 +214,24 @@ def test_run_py_settings_are_a_valid_lockstep_config(tmp_path):
     assert cfg.train.compile
 
 
+def test_lockstep_row_from_a_real_run(tmp_path):
+    """run.py's lockstep run on this CPU, made small with --lockstep-set's overrides."""
+    small = ["model.path=builtin:tiny", "data.max_length=64", "batch.global_size=4",
+             "train.compile=false", "train.loss_chunk=null", f"data.cache_dir={tmp_path / 'c'}",
+             "data.num_workers=0"]  # fmt: skip
+    args = bench.parse_args(["--steps=4", *(f"--lockstep-set={x}" for x in small)])
+    out = tmp_path / "run"
+    row = bench.run_lockstep(Path("unused"), DEMO_DATA, args.steps, 240, args.lockstep_set, out)
+    assert row["status"] == "ok", row.get("error")
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4]
+    tokens = sum(m["tokens"] for m in steps[1:])  # the window: after step 1 (4 // 3)
+    seconds = steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]
+    assert row["tokens_per_s"] == pytest.approx(tokens / seconds)
+    assert row["final_loss"] == steps[-1]["loss"] and row["peak_mem_gib"] is None  # no GPU
+
+
 def test_the_timed_window_is_the_last_two_thirds():
     points = [(10.0 * i, 1000 * i) for i in range(1, 10)]  # 9 steps, 1000 tokens / 10 s each
     points[0] = (60.0, 1000)  # a slow first step (compilation) is outside the window
@@ -230,3 +248,25 @@ def test_the_bench_case_on_a_cpu_fails_with_run_py_s_one_line(tmp_path):
     r = subprocess.run([sys.executable, str(GPU / "run.py"), "--steps", "2"],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "--steps 2" in r.stderr.splitlines()[-1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed here")
+def test_trl_script_trains_and_counts_the_tokens_trl_counts(tmp_path):
+    """trl_gpu.py on this CPU (eager): where trl is installed, its report has TRL's numbers."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "src/lockstep/model/builtin/tiny")
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, vocab_size=len(tok),
+                      pad_token_id=tok.pad_token_id)  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = tmp_path / "trl.json"
+    r = subprocess.run([sys.executable, str(GPU / "trl_gpu.py"), str(tmp_path / "model"),
+                        str(DEMO_DATA), str(out), "--steps=3", "--seq=256", "--micro=2",
+                        "--accumulation=2", "--no-compile"],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(out.read_text())
+    assert got["steps"] == 3 and got["tokens_per_s"] > 0 and got["attn_implementation"] == "sdpa"
+    assert got["tokens"] == got["trl_num_tokens"] > 0

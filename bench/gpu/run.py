@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run-limit-s", type=float, default=None,
                     help="seconds for one tool's run (default: no limit)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=REPORT, help="where the report goes")
+    ap.add_argument("--lockstep-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more override of lockstep's run (repeatable); TRL's run does not "
+                         "follow it: the report lists it")  # fmt: skip
     args = ap.parse_args(argv)
     if args.steps < 3:
         ap.error(f"--steps {args.steps}: the timed window is the last two thirds; use 3 or more")
@@ -166,10 +169,18 @@ def run_tool(tool: str, argv: list[str], limit_s: float | None) -> tuple[dict, s
     return row, output
 
 
-def run_lockstep(model_dir: Path, data: Path, steps: int, limit_s: float | None) -> dict:
-    out = WORK / "lockstep-run"
+def run_lockstep(
+    model_dir: Path,
+    data: Path,
+    steps: int,
+    limit_s: float | None,
+    extra: tuple[str, ...] | list[str] = (),
+    out: Path = WORK / "lockstep-run",
+) -> dict:
+    """lockstep's row: `lockstep train bench/gpu/lockstep.yaml` with run.py's overrides and
+    `extra`, its tokens/s (timed_rate), peak GPU memory and final loss from metrics.jsonl."""
     argv = [sys.executable, "-m", "lockstep", "train", str(HERE / "lockstep.yaml"),
-            *lockstep_overrides(out, model_dir, data, steps)]  # fmt: skip
+            *lockstep_overrides(out, model_dir, data, steps), *extra]  # fmt: skip
     row, _ = run_tool("lockstep", argv, limit_s)
     if row["status"] != "ok":
         return row
@@ -180,7 +191,8 @@ def run_lockstep(model_dir: Path, data: Path, steps: int, limit_s: float | None)
         total += r["tokens"]
         points.append((r["elapsed_s"], total))
     return {**row, "tokens_per_s": timed_rate(points),
-            "peak_mem_gib": max(r.get("peak_mem_gib", 0) for r in rows),
+            "peak_mem_gib": max((r["peak_mem_gib"] for r in rows if "peak_mem_gib" in r),
+                                default=None),
             "final_loss": rows[-1]["loss"]}  # fmt: skip
 
 
@@ -248,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.get_device_name()
     model_dir, data, span = build_assets()
     print(f"[bench] model and data ready; lockstep: {args.steps} steps", flush=True)
-    rows = [run_lockstep(model_dir, data, args.steps, run_limit(deadline, args.run_limit_s, 2))]
+    limit = run_limit(deadline, args.run_limit_s, 2)
+    rows = [run_lockstep(model_dir, data, args.steps, limit, args.lockstep_set)]
     print(f"[bench] lockstep: {rows[0]['status']}", flush=True)
     limit = run_limit(deadline, args.run_limit_s, 1)
     rows.append(run_trl(args.peer_python, model_dir, data, args.steps, limit))
     print(f"[bench] trl: {rows[1]['status']}", flush=True)
     result = report(gpu, span, args.steps, rows)
+    result["lockstep_set"] = args.lockstep_set
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
