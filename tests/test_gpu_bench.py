@@ -80,6 +80,7 @@ def test_the_bench_command_passes_its_limits_to_run_py(tmp_path):
     assert check.BENCH.limit_s + 60 <= 600  # one device command, with the setup before it
     short = bench.parse_args(check.bench_command(100, tmp_path / "b.json")[2:])
     assert short.limit_s < 100  # a smaller budget left shrinks the benchmark's limit
+    assert args.compile and not bench.parse_args(["--no-compile"]).compile
 
 
 def test_each_tool_gets_its_limit_and_a_fair_share_of_what_is_left():

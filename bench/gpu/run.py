@@ -1,6 +1,7 @@
 """lockstep on one CUDA GPU: a ~1B-parameter Llama-shaped model, 4096-token packed sequences, bf16.
 
     python3 bench/gpu/run.py [--steps 30] [--peer-python PATH] [--limit-s S] [--run-limit-s S]
+                             [--no-compile] [--lockstep-set KEY=VALUE]
                              [--json PATH]
 
 Reports tokens/s/GPU, peak GPU memory and MFU for lockstep, and for TRL's SFTTrainer under the
@@ -69,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--run-limit-s", type=float, default=None,
                     help="seconds for one tool's run (default: no limit)")  # fmt: skip
     ap.add_argument("--json", type=Path, default=REPORT, help="where the report goes")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="both tools eager (default: both compiled)")  # fmt: skip
     ap.add_argument("--lockstep-set", action="append", default=[], metavar="KEY=VALUE",
                     help="one more override of lockstep's run (repeatable); TRL's run does not "
                          "follow it: the report lists it")  # fmt: skip
@@ -214,7 +217,14 @@ def trl_missing(python: str) -> str | None:
     return (probe.stderr.strip().splitlines() or [f"exit {probe.returncode}"])[-1]
 
 
-def run_trl(python: str, model_dir: Path, data: Path, steps: int, limit_s: float | None) -> dict:
+def run_trl(
+    python: str,
+    model_dir: Path,
+    data: Path,
+    steps: int,
+    limit_s: float | None,
+    compiled: bool = True,
+) -> dict:
     """TRL's row: trl_gpu.py in `python`, or "skipped" with the reason it cannot import trl."""
     why = trl_missing(python)
     if why is not None:
@@ -225,7 +235,7 @@ def run_trl(python: str, model_dir: Path, data: Path, steps: int, limit_s: float
     out.unlink(missing_ok=True)
     argv = [python, str(HERE / "trl_gpu.py"), str(model_dir), str(data), str(out),
             f"--steps={steps}", f"--seq={SEQ}", f"--micro={MICRO}",
-            f"--accumulation={GLOBAL // MICRO}"]  # fmt: skip
+            f"--accumulation={GLOBAL // MICRO}", *([] if compiled else ["--no-compile"])]  # fmt: skip
     row, _ = run_tool("trl", argv, limit_s)
     return {**row, **json.loads(out.read_text())} if row["status"] == "ok" else row
 
@@ -261,13 +271,14 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, data, span = build_assets()
     print(f"[bench] model and data ready; lockstep: {args.steps} steps", flush=True)
     limit = run_limit(deadline, args.run_limit_s, 2)
-    rows = [run_lockstep(model_dir, data, args.steps, limit, args.lockstep_set)]
+    eager = [] if args.compile else ["train.compile=false"]
+    rows = [run_lockstep(model_dir, data, args.steps, limit, [*eager, *args.lockstep_set])]
     print(f"[bench] lockstep: {rows[0]['status']}", flush=True)
     limit = run_limit(deadline, args.run_limit_s, 1)
-    rows.append(run_trl(args.peer_python, model_dir, data, args.steps, limit))
+    rows.append(run_trl(args.peer_python, model_dir, data, args.steps, limit, args.compile))
     print(f"[bench] trl: {rows[1]['status']}", flush=True)
     result = report(gpu, span, args.steps, rows)
-    result["lockstep_set"] = args.lockstep_set
+    result.update(compiled=args.compile, lockstep_set=args.lockstep_set)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
