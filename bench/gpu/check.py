@@ -3,6 +3,11 @@
     bash bench/gpu/check.sh     (installs the carried wheels, sets PYTHONPATH, then runs this)
     python bench/gpu/check.py [--out DIR] [--cases a,b] [--budget-s 420]
 
+The default cases are CASES; `--cases bench` (alone or with others) runs BENCH instead: the 1B
+packed benchmark of bench/gpu/run.py, lockstep against TRL with MFU, BENCH_STEPS steps each,
+within its own limits (BENCH.limit_s in all, BENCH_RUN_LIMIT_S a tool); its rows join the
+results (summary.txt: a second table).
+
 Before the cases: a Llama-shaped model with random weights (hidden 1024, 8 layers, 16 heads,
 4 KV heads, MLP 2816, the built-in tokenizer's 2048-token vocabulary: 92M parameters, saved in
 bfloat16) and 600 generated alpaca records of about 80-1000 tokens, in bench/gpu/work/check/.
@@ -41,6 +46,8 @@ SHAPE = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16,
 BUDGET_S = 420  # for the cases; the start and the model build come on top: 8 minutes in all
 LOG_HEAD, LOG_TAIL, ERROR_LINES, LINE_CHARS = 8, 40, 15, 600
 PACKED = ("data.packing=true", "batch.global_size=8", "batch.micro_size=2")  # 2 rows a pass
+BENCH_STEPS, BENCH_RUN_LIMIT_S = 10, 200  # the benchmark in the check (run.py); each tool also
+# gets at most an equal share of the time left (run.py, run_limit), so lockstep leaves TRL half
 
 
 @dataclass(frozen=True)
@@ -59,7 +66,8 @@ class Case:
     limit_s: int
     runs: tuple[Run, ...]
     extra: str = ""
-    """A check after the runs: isolation | resume | resume_memory | lower_memory (judge)."""
+    """A check after the runs: isolation | resume | resume_memory | lower_memory (judge);
+    bench: no runs of check.yaml, bench/gpu/run.py instead (run_bench)."""
 
 
 def _resume_runs(*overrides: str) -> tuple[Run, ...]:
@@ -94,6 +102,9 @@ CASES = (
     Case("compile", "train.compile (each block compiled) on packed rows", 150,
          (Run((*PACKED, "train.compile=true"), "run"),)),
 )  # fmt: skip
+BENCH = Case("bench", "the 1B Llama-shaped packed benchmark (bench/gpu/run.py): lockstep and "
+             "TRL's SFTTrainer, same settings; tokens/s/GPU, MFU, peak GPU memory", 360, (),
+             "bench")  # fmt: skip
 
 
 @dataclass
@@ -205,6 +216,70 @@ def run_case(
     return result
 
 
+def bench_command(limit_s: float, report: Path) -> list[str]:
+    """run.py's command line inside the check: BENCH_STEPS steps, the case's time (less a margin
+    for writing the report) as the benchmark's limit, BENCH_RUN_LIMIT_S for each tool."""
+    return [sys.executable, str(HERE / "run.py"), f"--steps={BENCH_STEPS}",
+            f"--limit-s={max(limit_s - 15, 1):.0f}", f"--run-limit-s={BENCH_RUN_LIMIT_S}",
+            f"--json={report}"]  # fmt: skip
+
+
+def run_bench(case: Case, limit_s: float, work: Path = WORK) -> Result:
+    """The benchmark case: run.py within limit_s, its report judged by bench_verdict."""
+    result = Result(case.name, case.what)
+    report = work / "bench.json"
+    report.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    code, output = run_command(bench_command(limit_s, report), limit_s, result.log)
+    result.seconds = round(time.perf_counter() - t0, 1)
+    if report.is_file():
+        bench_verdict(result, json.loads(report.read_text()))
+    else:
+        why = f"timed out ({limit_s:.0f}s limit)" if code is None else f"exit {code}"
+        result.error = f"run.py wrote no report: {why}\n" + last_lines(output)
+    return result
+
+
+def bench_verdict(result: Result, report: dict) -> None:
+    """ok when lockstep's row is; the result takes lockstep's tokens/s, memory and loss, the
+    report goes into details; a TRL row that did not pass is named in the error."""
+    result.details["bench"] = report
+    rows = {r["tool"]: r for r in report["rows"]}
+    ours = rows.get("lockstep", {"error": "no lockstep row"})
+    result.tokens_per_s = ours.get("tokens_per_s")
+    result.peak_mem_gib = ours.get("peak_mem_gib")
+    result.final_loss = ours.get("final_loss")
+    result.status = "ok" if ours.get("status") == "ok" else "failed"
+    notes = [f"{tool}: {r['error']}" for tool, r in rows.items() if r.get("error")]
+    result.error = "\n".join(notes)
+
+
+def bench_table(report: dict) -> list[str]:
+    """The benchmark's rows as a table: per tool tokens/s/GPU, MFU, peak GPU memory, loss; then
+    lockstep / TRL tokens/s, or why a row has no numbers."""
+    peak = report.get("peak_tflops")
+    lines = [f"1B packed benchmark on {report['gpu']}: {report['steps']} steps, "
+             f"{report['flops_per_token'] / 1e9:.2f} GFLOP/token, bf16 peak "
+             + (f"{peak} TFLOP/s" if peak else "unknown (no MFU)"),
+             f"{'tool':<10}{'status':<11}{'tokens/s/GPU':>14}{'MFU':>8}{'peak GiB':>10}"
+             f"{'loss':>8}"]  # fmt: skip
+    for r in report["rows"]:
+        tps, mfu, mem, loss = (r.get(k) for k in ("tokens_per_s", "mfu", "peak_mem_gib",
+                                                  "final_loss"))  # fmt: skip
+        lines.append(f"{r['tool']:<10}{r['status']:<11}"
+                     + (f"{tps:>14,.0f}" if tps else f"{'-':>14}")
+                     + (f"{mfu:>8.1%}" if mfu is not None else f"{'-':>8}")
+                     + (f"{mem:>10.2f}" if mem is not None else f"{'-':>10}")
+                     + (f"{loss:>8.3f}" if loss is not None else f"{'-':>8}"))  # fmt: skip
+    ratio = report.get("lockstep_over_trl")
+    lines.append(f"lockstep / trl tokens/s: {ratio:.2f}x" if ratio else
+                 "lockstep / trl tokens/s: - (a row without tokens/s)")  # fmt: skip
+    for r in report["rows"]:
+        if r.get("error"):
+            lines.append(f"    {r['tool']}: {r['error'].splitlines()[0]}")
+    return lines
+
+
 # ---------------------------------------------------------------- verdicts
 
 
@@ -286,6 +361,12 @@ def lower_memory(result: Result, plain: Result | None) -> None:
 # ---------------------------------------------------------------- setup and report
 
 
+def vocab_words(tok) -> list[str]:
+    """Whole words of a byte-level BPE vocabulary (Ġ, a space, stripped): text to make data of."""
+    pieces = {w.lstrip("\u0120") for w in tok.get_vocab()}
+    return sorted(w for w in pieces if w.isascii() and w.isalpha() and len(w) > 2)
+
+
 def build_assets(device: str = "cuda") -> dict:
     """The random model and the data check.yaml points to; made once, kept for reruns."""
     import torch
@@ -302,8 +383,7 @@ def build_assets(device: str = "cuda") -> dict:
         tok.save_pretrained(MODEL)
         del model
     if not DATA.is_file():
-        pieces = {w.lstrip("\u0120") for w in tok.get_vocab()}  # byte-level BPE: Ġ = a space
-        words = sorted(w for w in pieces if w.isascii() and w.isalpha() and len(w) > 2)
+        words = vocab_words(tok)
         rng = random.Random(0)
         lines = []
         for _ in range(600):
@@ -323,7 +403,7 @@ out = {"python": sys.version.split()[0], "cuda": torch.version.cuda,
        "gpu": torch.cuda.get_device_name() if gpu else None,
        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if gpu else None}
 for name in ("torch", "transformers", "peft", "pydantic", "datasets", "bitsandbytes",
-             "flash_attn", "safetensors", "accelerate", "lockstep"):
+             "flash_attn", "safetensors", "accelerate", "trl", "lockstep"):
     try:
         out[name] = getattr(importlib.import_module(name), "__version__", "?")
     except Exception as e:
@@ -374,6 +454,9 @@ def write_results(out: Path, head: dict, results: list[Result], setup_log: list[
     env = head.get("env", {})
     top = f"{env.get('gpu', '?')}; torch {env.get('torch', '?')}, transformers " \
           f"{env.get('transformers', '?')}; {head.get('wall_s', 0):.0f}s"  # fmt: skip
+    for r in results:
+        if "bench" in r.details:
+            table += ["", *r.details["bench"]["table"]]
     (out / "summary.txt").write_text("\n".join([top, *table]) + "\n")
     sections = []
     for r in results:
@@ -382,14 +465,16 @@ def write_results(out: Path, head: dict, results: list[Result], setup_log: list[
 
 
 def selected(names: str | None) -> tuple[Case, ...]:
+    """The cases --cases names, in their order of CASES + BENCH; none named: CASES."""
     if not names:
         return CASES
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in {c.name for c in CASES}]
+    every = (*CASES, BENCH)
+    unknown = [n for n in wanted if n not in {c.name for c in every}]
     if unknown:
         raise SystemExit(f"check.py: unknown case(s) {', '.join(unknown)}; the cases: "
-                         + ", ".join(c.name for c in CASES))  # fmt: skip
-    return tuple(c for c in CASES if c.name in wanted)
+                         + ", ".join(c.name for c in every))  # fmt: skip
+    return tuple(c for c in every if c.name in wanted)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the results folder (default: $OUT when set, else " + str(RESULTS) + ")",
     )
-    ap.add_argument("--cases", default=None, help="comma-separated names (default: all)")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated names (default: all but bench)")  # fmt: skip
     ap.add_argument(
         "--budget-s",
         type=float,
@@ -440,7 +526,10 @@ def main(argv: list[str] | None = None) -> int:
             result = Result(case.name, case.what, "skipped", error="the check's budget ran out")
         else:
             print(f"[check] {case.name}: {case.what}", flush=True)
-            result = run_case(case, min(case.limit_s, left), done)
+            limit = min(case.limit_s, left)
+            result = (
+                run_bench(case, limit) if case.extra == "bench" else run_case(case, limit, done)
+            )
         done[case.name] = result
         results.append(result)
         print(f"[check] {case.name}: {result.status} in {result.seconds}s"

@@ -4,6 +4,11 @@
 # 2 rows (and its logits-isolation check), FSDP2 on one process with LoRA and a resume, the GPU
 # memory of a resumed (DDP) checkpoint, gradient checkpointing, compile. Each case is a real
 # `lockstep train` with its own time limit (bench/gpu/check.py says what each one checks).
+# `--cases bench` runs the 1B Llama-shaped packed benchmark instead (bench/gpu/run.py): lockstep
+# and TRL's SFTTrainer under the same settings, 10 steps each, tokens/s/GPU, MFU and peak GPU
+# memory per tool and lockstep / TRL, as a second table of the same results files. TRL's wheel
+# travels in .whl/ too; where trl does not import, TRL's row says "skipped: <why>" and lockstep's
+# row is still reported.
 #
 #   bash bench/gpu/check.sh --prepare [--wheels DIR] [PIP_OPTION...]
 #       On any machine whose pip reaches a package index (a CPU is fine): download the wheels
@@ -27,13 +32,20 @@
 # flex_attention; summary.json names the implementations it ran.
 #
 # With the device tool (a lent H200, torch 2.11 + transformers 5.17, nothing reachable):
-#   here, once:  bash bench/gpu/check.sh --prepare          (about 45 MiB into .whl/)
-#   then run:    command "bash bench/gpu/check.sh", carry [".whl"], timeout_s 540
-#   it returns:  $OUT/summary.json, summary.txt, logs.txt (the tool returns at most 8 files)
-# The cases stop by 420 s (--budget-s); the wheel install, the versions and the model build
-# come before them (8 minutes in all), so 540 s is only a backstop. With the 15 minutes of
-# device time a session has, a failed case can be rerun at once, while the machine is still
-# warm (30 s), with `bash bench/gpu/check.sh --cases NAME,NAME`.
+#   here, once:  bash bench/gpu/check.sh --prepare          (46 MiB into .whl/)
+#   the check:   command "bash bench/gpu/check.sh", carry [".whl"], timeout_s 540
+#   the bench:   command "bash bench/gpu/check.sh --cases bench", carry [".whl"], timeout_s 420
+#   each returns $OUT/summary.json, summary.txt, logs.txt (the tool returns at most 8 files)
+# The check's cases stop by 420 s (--budget-s); the wheel install, the versions and the model
+# build come before them (8 minutes in all), so 540 s is only a backstop. The bench is a second
+# command because both do not fit in one 600-s command: it stops by 360 s (its case limit, or
+# --budget-s if smaller), building the 1B model and data first, then lockstep and then TRL, each
+# killed with its children past 200 s or past its equal share of the time left (lockstep at most
+# half), so a slow tool cannot take the other's time or the session's; 420 s is the backstop.
+# Device time: a session has 15 minutes in all, the machine's start (a minute or more) counted,
+# so both commands fit only when the check ends early: run first the one the session is for,
+# then the other at once (warm machine) with --budget-s no more than status's budget_left_s
+# less 90. A failed case can be rerun the same way with `bash bench/gpu/check.sh --cases NAME`.
 # Python: $PYTHON when set, else python3 (the GPU image's python3 holds torch).
 set -euo pipefail
 
