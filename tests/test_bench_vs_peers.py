@@ -146,3 +146,40 @@ def test_realistic_records_have_chat_lengths(tmp_path):
     small = assets.make_record(random.Random(0))
     assert small["instruction"].startswith("Return the last word.\n\nsoft car milk wet tree")
     assert len(small["instruction"].split()) == 4 + 39 and small["output"] == "dog"
+
+
+def test_the_ordered_file_gives_each_step_lockstep_s_global_batch(tmp_path):
+    """make_assets' train-ordered.jsonl, read sequentially (as the peers read it without
+    packing), gives step k the records lockstep trains on at step k: checked against the ids a
+    real lockstep run logs (log.sample_ids), through the config's seed."""
+    import yaml
+    from conftest import run_cli, write_jsonl
+
+    assets = load("make_assets")
+    records = [
+        {"instruction": f"Repeat {i}.", "input": "", "output": f"{i} " * (1 + i % 7)}
+        for i in range(40)
+    ]
+    data = write_jsonl(tmp_path / "train.jsonl", records)
+    seed, size, steps = 5, 8, 3
+    ordered = assets.in_lockstep_order(records, seed)
+    assert sorted(r["instruction"] for r in ordered) == sorted(r["instruction"] for r in records)
+    cfg = {
+        "output_dir": str(tmp_path / "out"), "seed": seed,
+        "data": {"train": [{"path": str(data)}], "max_length": 64,
+                 "cache_dir": str(tmp_path / "cache")},
+        "batch": {"global_size": size, "micro_size": 4}, "train": {"max_steps": steps},
+        "log": {"sample_ids": True},
+    }  # fmt: skip
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = run_cli("train", str(tmp_path / "cfg.yaml"))
+    assert res.returncode == 0, res.stderr
+    logged = (tmp_path / "out" / "sample_ids" / "rank-0-of-1.jsonl").read_text().splitlines()
+    by_step: dict[int, list[int]] = {}
+    for row in map(json.loads, logged):
+        by_step.setdefault(row["step"], []).extend(row["ids"])
+    assert sorted(by_step) == [1, 2, 3]
+    for k, ids in by_step.items():
+        trained = sorted(records[i]["instruction"] for i in ids)
+        read = sorted(r["instruction"] for r in ordered[(k - 1) * size : k * size])
+        assert trained == read, k

@@ -10,6 +10,10 @@ Runs in lockstep's venv (torch + transformers) and writes, under --out:
   folder (lockstep: ``model.path: <folder>``).
 * ``data/train.jsonl``: --records alpaca records (``instruction``, ``input``, ``output``) from a
   seeded generator, and ``data/dataset_info.json`` naming it for LLaMA-Factory;
+* ``data/train-ordered.jsonl``: the same records in the order lockstep trains on them with
+  --seed (its first epoch's permutation, data/order.py). The peers read it sequentially in the
+  cases without packing, so every tool trains the same records at every step (``bench_ordered``
+  in dataset_info.json);
 * ``data/pairs.jsonl``: --pairs answer pairs in LLaMA-Factory's alpaca pairwise layout
   (``instruction``, ``input``, ``chosen``, ``rejected``) for the preference benchmark
   (``dpo.py``): the same tasks over 16-240 words (each row ~50-500 tokens), chosen = the right transformation of the words, rejected = another
@@ -70,7 +74,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from make_demo_data import WORDS  # noqa: E402
 
-ASSETS_VERSION = 3  # bump when the generator or the model changes
+ASSETS_VERSION = 4  # bump when the generator or the model changes
 
 # ChatML, as in lockstep's built-in template, with the newline after <|im_end|> trained (see above)
 CHAT_TEMPLATE = """\
@@ -200,6 +204,15 @@ def make_pairs(tok, n: int, seed: int, max_tokens: int) -> tuple[list[dict], lis
     return pairs, lengths
 
 
+def in_lockstep_order(records: list[dict], seed: int) -> list[dict]:
+    """The records in the order lockstep trains on them with this seed (its first epoch:
+    data/order.py's permutation; record i is lockstep's sample i). A peer that reads this file
+    sequentially trains step k on lockstep's global batch k."""
+    from lockstep.data.order import permutation
+
+    return [records[int(i)] for i in permutation(seed, 0, len(records))]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for rec in records:
@@ -293,16 +306,19 @@ def main(argv: list[str] | None = None) -> None:
         tok, args.records, args.seed, args.max_tokens, lognormal=args.fixture == "realistic"
     )
     write_jsonl(data_dir / "train.jsonl", records)
+    write_jsonl(data_dir / "train-ordered.jsonl", in_lockstep_order(records, args.seed))
     pairs, pair_lengths = make_pairs(tok, args.pairs, args.seed, args.max_tokens)
     write_jsonl(data_dir / "pairs.jsonl", pairs)
     write_jsonl(data_dir / "check.jsonl", pairs[: args.check_pairs])
     pair_columns = {"prompt": "instruction", "query": "input", "chosen": "chosen",
                     "rejected": "rejected"}  # fmt: skip
+    sft_columns = {"prompt": "instruction", "query": "input", "response": "output"}
     info = {
-        "bench": {
-            "file_name": "train.jsonl",
+        "bench": {"file_name": "train.jsonl", "formatting": "alpaca", "columns": sft_columns},
+        "bench_ordered": {
+            "file_name": "train-ordered.jsonl",
             "formatting": "alpaca",
-            "columns": {"prompt": "instruction", "query": "input", "response": "output"},
+            "columns": sft_columns,
         },
         **{
             f"bench_{name}": {

@@ -42,22 +42,33 @@ the same tokens to train on: ChatML, no system prompt, loss on ``{output}<|im_en
 make_assets.py). A step is --micro x --accum samples, or packed sequences of --max-length when
 packing. Every process runs with the hub offline and without a visible GPU.
 
+The same records at every step (the cases without packing): the peers read
+data/train-ordered.jsonl, the records in the order lockstep trains on them with --seed
+(make_assets.py), sequentially (TRL ``train_sampling_strategy="sequential"``, LLaMA-Factory
+``disable_shuffling``), so step k of every tool trains lockstep's global batch k; inside a step,
+lockstep groups the records into micro-batches by length, the peers take them as they come.
+The summary checks it: the target tokens of every tool must be equal (``same_records``). With
+packing, each tool packs the shuffled records its own way: the rows are full either way (~the
+same tokens per step), but hold different records.
+
 What is measured, per run:
 
-* tokens/s: target tokens / training-loop seconds. Target tokens are the positions that carry
+* tokens/s: non-padding tokens / training-loop seconds (``all_tokens_per_s``; the whole
+  records, prompt and answer, each tool's own count) and target tokens / training-loop seconds
+  (``tokens_per_s``; with the same records both give the same ratios). Target tokens are the positions that carry
   loss (labels != -100 after the one-token shift), counted on every micro-batch the tool really
   trained on: lockstep's metrics.jsonl ``target_tokens``; for TRL and LLaMA-Factory, counted in
   ``Trainer.training_step`` (hf_probe.py). The loop time is lockstep's ``elapsed_s`` at the last
   step (its clock starts once model and data are built), and for the peers the time from the
   Trainer's on_train_begin to the end of the last optimizer step (``train_runtime`` is kept in the
-  JSON too). The three tools shuffle differently, so their steps cover different samples; the
-  numerator is each tool's own count, never an estimate.
+  JSON too). The numerators are each tool's own counts, never an estimate.
 * wall s: the whole process, start to exit (imports, tokenising, model loading, training,
   saving the final model; lockstep also writes its end-of-run checkpoint and loss plot).
 * peak RSS: the largest resident set of the process (and any children), from ``os.wait4``.
 * final loss: the mean of the last 5 optimizer steps' losses (token-normalised over each step
-  in all three tools). The tools see the samples in different orders, so this is a check that
-  all of them train, not a ranking.
+  in all three tools). Without packing the tools train the same records, so the losses should
+  be close (micro-batch grouping and kernels reorder float sums); with packing they differ by
+  the records each row holds: a check that all of them train, not a ranking.
 * matmul peak: right before each run, matmul_peak.py (in lockstep's venv, torch's default
   threads, as the peers use) times square float32 matmuls of 512, 1024 and 2048 and reports
   the best GFLOP/s: what a dense GEMM reaches on this machine at that moment. Each run's own
@@ -340,9 +351,12 @@ def lockstep_config(args, case: str, assets: Path) -> Path:
 def peer_spec(args, case: str, assets: Path, out: Path) -> Path:
     method, packing = CASES[case]
     micro, accum = batch_shape(args, case)
+    # without packing, the peers read lockstep's order sequentially: the same records per step
     spec = {
         "model": str(assets / "model"),
-        "data": str(assets / "data" / "train.jsonl"),
+        "data": str(assets / "data" / ("train.jsonl" if packing else "train-ordered.jsonl")),
+        "dataset": "bench" if packing else "bench_ordered",
+        "sequential": not packing,
         "output_dir": str(out / "run"),
         "result": str(out / "result.json"),
         "steps": args.steps,
@@ -473,6 +487,7 @@ def run_one(args, tool: str, case: str, rnd: int, assets: Path, pys: dict) -> di
             "target_tokens": m["target_tokens"],
             "tokens": m["tokens"],
             "tokens_per_s": round(m["target_tokens"] / m["train_s"], 1),
+            "all_tokens_per_s": round(m["tokens"] / m["train_s"], 1),
             "final_loss": round(statistics.fmean(losses[-LAST_LOSSES:]), 4),
             "losses": [round(x, 4) for x in losses],
             **{k: m[k] for k in ("train_runtime", "model", "padding_free", "threads") if k in m},
@@ -545,6 +560,8 @@ def summarise(runs: list[dict], tools: list[str], cases: list[str]) -> list[dict
             if ok:
                 for key in (
                     "tokens_per_s",
+                    "all_tokens_per_s",
+                    "tokens",
                     "wall_s",
                     "peak_rss_mib",
                     "final_loss",
@@ -568,8 +585,12 @@ def ratios(summary: list[dict], cases: list[str]) -> list[dict]:
         peers = [s for (t, c), s in by.items() if c == case and t != "lockstep"]
         if not ls or not peers:
             continue
-        for key, best in (("tokens_per_s", max), ("wall_s", min), ("peak_rss_mib", min)):
+        metrics = (("tokens_per_s", max), ("all_tokens_per_s", max), ("wall_s", min),
+                   ("peak_rss_mib", min))  # fmt: skip
+        for key, best in metrics:
             row = {"case": case, "metric": key}
+            if key == "tokens_per_s":  # the same records (no packing): the same target tokens
+                row["same_records"] = all(p["target_tokens"] == ls["target_tokens"] for p in peers)
             for p in peers:
                 row[p["tool"]] = round(ls[key] / p[key], 3)
             top = best(peers, key=lambda p: p[key])
@@ -581,7 +602,7 @@ def ratios(summary: list[dict], cases: list[str]) -> list[dict]:
 
 def print_tables(summary: list[dict], ratio_rows: list[dict], peers: list[str]) -> None:
     print()
-    head = f"{'tool':<13} {'case':<13} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8} {'wall s':>8} {'peak RSS MiB':>13} {'final loss':>11} {'runs':>5}"  # noqa: E501
+    head = f"{'tool':<13} {'case':<13} {'target/s':>9} {'tokens/s':>9} {'GFLOP/s':>8} {'of peak':>8} {'wall s':>8} {'peak RSS MiB':>13} {'final loss':>11} {'runs':>5}"  # noqa: E501
     print(head)
     print("-" * len(head))
     for s in summary:
@@ -590,6 +611,7 @@ def print_tables(summary: list[dict], ratio_rows: list[dict], peers: list[str]) 
             continue
         print(
             f"{s['tool']:<13} {s['case']:<13} {s['tokens_per_s']:>9,.0f} "
+            f"{s['all_tokens_per_s']:>9,.0f} "
             f"{s['achieved_gflops']:>8.1f} {s['peak_share']:>8.1%} {s['wall_s']:>8.1f} "
             f"{s['peak_rss_mib']:>13,.0f} {s['final_loss']:>11.4f} {s['runs']:>5}"
         )
@@ -602,16 +624,33 @@ def print_tables(summary: list[dict], ratio_rows: list[dict], peers: list[str]) 
     if not ratio_rows:
         return
     print("\nlockstep / peer (tokens/s: higher is better for lockstep; wall s and RSS: lower)")
-    head = f"{'case':<13} {'metric':<13}" + "".join(f" {p:>13}" for p in peers) + "   vs best peer"
+    head = f"{'case':<13} {'metric':<17}" + "".join(f" {p:>13}" for p in peers) + "   vs best peer"
     print(head)
     print("-" * len(head))
     for r in ratio_rows:
         cells = "".join(f" {r[p]:>12.2f}x" if p in r else f" {'-':>13}" for p in peers)
+        same = {True: "; the same records", False: "; DIFFERENT records"}.get(r.get("same_records"))
         print(
-            f"{r['case']:<13} {r['metric']:<13}{cells}   {r['vs_best_peer']:.2f}x "
-            f"({r['best_peer']})"
+            f"{r['case']:<13} {r['metric']:<17}{cells}   {r['vs_best_peer']:.2f}x "
+            f"({r['best_peer']}{same or ''})"
         )
     print()
+
+
+def report(path: Path) -> None:
+    """The tables of a results file, summarised again from its runs (a file written before
+    a metric existed gets it from the runs' own numbers)."""
+    result = json.loads(path.read_text())
+    runs = result["runs"]
+    for r in runs:
+        if "error" not in r:
+            r.setdefault("all_tokens_per_s", round(r["tokens"] / r["train_s"], 1))
+    tools = list(dict.fromkeys(r["tool"] for r in runs))
+    cases = list(dict.fromkeys(r["case"] for r in runs))
+    summary = summarise(runs, tools, cases)
+    print(f"{path}: {result.get('fixture')} fixture, commit {result.get('commit')}, "
+          f"{result.get('date')}, load {result.get('loadavg_before')} before")  # fmt: skip
+    print_tables(summary, ratios(summary, cases), [t for t in tools if t != "lockstep"])
 
 
 def main() -> None:
@@ -647,9 +686,14 @@ def main() -> None:
         help="an extra lockstep override for every lockstep run (repeatable)",
     )
     p.add_argument("--setup-only", action="store_true", help="create venvs and assets, then stop")
+    p.add_argument("--report", type=Path, metavar="RESULTS_JSON",
+                   help="print the tables of an earlier results file again, then stop")  # fmt: skip
     p.add_argument("--out", type=Path, help="default: results.json (small), "
                    "results-realistic.json (realistic)")  # fmt: skip
     args = p.parse_args()
+    if args.report:
+        report(args.report)
+        return
     fixture = FIXTURES[args.fixture]
     for key in ("micro", "accum", "pack_micro", "pack_accum", "max_length"):
         if getattr(args, key) is None:

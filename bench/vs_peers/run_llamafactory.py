@@ -4,8 +4,10 @@ lockstep).
     bench/.venvs/llamafactory/bin/python bench/vs_peers/run_llamafactory.py SPEC.json
 
 SPEC.json (written by run.py or dpo.py): model, data, output_dir, result, steps, micro, accum,
-max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}; for preference
-training also stage: dpo, dataset (its dataset_info.json name), loss (``pref_loss``: sigmoid,
+max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}, and optionally
+sequential (read the records in file order, ``disable_shuffling``: run.py's cases without
+packing give lockstep's order) and dataset (its dataset_info.json name; default ``bench``); for
+preference training also stage: dpo, dataset (its dataset_info.json name), loss (``pref_loss``: sigmoid,
 simpo or orpo), beta (``pref_beta``) and gamma (``simpo_gamma``). Its DPO keeps its defaults
 otherwise: with full fine-tuning a second copy of the model is the reference, computed at every
 step; with LoRA the adapters are disabled; pairs are padded to the longest row of the
@@ -77,7 +79,7 @@ def main() -> None:
     from hf_probe import Probe
 
     lora = spec["lora"]
-    stage = {"stage": "sft", "dataset": "bench"}
+    stage = {"stage": "sft", "dataset": spec.get("dataset", "bench")}
     if spec.get("stage") == "dpo":
         stage = {
             "stage": "dpo", "dataset": spec["dataset"], "pref_loss": spec["loss"],
@@ -120,6 +122,7 @@ def main() -> None:
         "bf16": False,
         "fp16": False,
         "dataloader_num_workers": 0,
+        "disable_shuffling": spec.get("sequential", False),
         "logging_steps": 1,
         "save_strategy": "no",
         "eval_strategy": "no",

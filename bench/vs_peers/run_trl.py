@@ -4,8 +4,9 @@ lockstep import).
     bench/.venvs/trl/bin/python bench/vs_peers/run_trl.py SPEC.json
 
 SPEC.json (written by run.py or dpo.py): model, data, output_dir, result, steps, micro, accum,
-max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}; for preference
-training also stage: dpo and beta.
+max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}, and optionally
+sequential (read the records in file order, ``train_sampling_strategy="sequential"``: run.py's
+cases without packing give lockstep's order); for preference training also stage: dpo and beta.
 
 What TRL trains on: the alpaca records become conversations (user: instruction, plus a blank
 line and the input when there is one, as lockstep joins them; assistant: output), rendered by
@@ -144,7 +145,11 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     data = load_dataset("json", data_files=spec["data"], split="train")
     data = data.map(to_messages, remove_columns=data.column_names)
-    args = SFTConfig(**shared_args(spec), packing=spec["packing"], assistant_only_loss=True)
+    sampling = "sequential" if spec.get("sequential") else "random"
+    args = SFTConfig(
+        **shared_args(spec), packing=spec["packing"], assistant_only_loss=True,
+        train_sampling_strategy=sampling,
+    )  # fmt: skip
     probe = Probe(tokenizer.pad_token_id).install()
     train_and_report(SFTTrainer, args, spec, data, tokenizer, probe)
 
