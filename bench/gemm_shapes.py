@@ -14,8 +14,10 @@ batches of --global records are cut into micro-batches of --micro records two wa
 For every distinct M of --steps global batches, the forward and backward products of every block
 projection (x W^T, the input gradient, the weight gradient) are timed in float32 on the machine's
 default threads. Reported per scheme: GFLOP/s of the products over all rows, the share of rows
-that are padding, and GFLOP/s over real tokens only (what the trained tokens get). The matmul
-peak of bench/vs_peers/matmul_peak.py is the reference.
+that are padding, and GFLOP/s over real tokens only (what the trained tokens get). Also the
+products of one packed row of --packed tokens (the packing cases' micro-batch): the rate the
+blocks' matrix products reach at that shape, the ceiling of a packed step's model FLOP/s. The
+matmul peak of bench/vs_peers/matmul_peak.py is the reference.
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--global", dest="size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--packed", type=int, default=2048, help="tokens of a packed row")
     args = ap.parse_args()
     shape = json.loads((ASSETS / "model" / "config.json").read_text())
     h, inter = shape["hidden_size"], shape["intermediate_size"]
@@ -107,6 +110,9 @@ def main() -> None:
         print(f"{name:32s} M median {r['median_m']:>6,.0f}  padding {r['padding_share']:6.1%}  "
               f"{r['gflops_all_rows']:6.1f} GFLOP/s over all rows, "
               f"{r['gflops_real_tokens']:6.1f} over real tokens  ({r['seconds']:.2f} s)")  # fmt: skip
+    packed = flops_per_row * args.packed / product_seconds(args.packed, projections) / 1e9
+    result["packed row"] = {"m": args.packed, "gflops": round(packed, 1)}
+    print(f"{'one packed row':32s} M {args.packed:>6,}  {packed:6.1f} GFLOP/s")
     (HERE / "gemm_shapes.json").write_text(json.dumps({"args": vars(args), **result}, indent=1))
 
 

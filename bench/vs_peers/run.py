@@ -589,7 +589,7 @@ def ratios(summary: list[dict], cases: list[str]) -> list[dict]:
                    ("peak_rss_mib", min))  # fmt: skip
         for key, best in metrics:
             row = {"case": case, "metric": key}
-            if key == "tokens_per_s":  # the same records (no packing): the same target tokens
+            if key == "tokens_per_s" and not CASES[case][1]:  # unpacked: the same records
                 row["same_records"] = all(p["target_tokens"] == ls["target_tokens"] for p in peers)
             for p in peers:
                 row[p["tool"]] = round(ls[key] / p[key], 3)

@@ -69,7 +69,7 @@ class Profile:
         if self.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         self.profiler = profile(activities=activities)
-        self.profiler.__enter__()
+        self.profiler.start()
         self.profiled = (step, last)
         self._sync()
         self.began = time.perf_counter()
@@ -96,13 +96,13 @@ class Profile:
         self._sync()
         wall = time.perf_counter() - self.began
         prof, self.profiler = self.profiler, None
-        prof.__exit__(None, None, None)
+        prof.stop()
         return self.write(prof, wall)
 
     def close(self) -> None:
         """The run ends before the last profiled step (a failure, a stop): drop the recording."""
         if self.profiler is not None:
-            self.profiler.__exit__(None, None, None)
+            self.profiler.stop()
             self.profiler = None
 
     def write(self, prof: profile, wall: float) -> dict:
