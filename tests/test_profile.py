@@ -9,7 +9,7 @@ from conftest import run_cli, small_config
 
 from lockstep import config
 from lockstep.errors import ConfigError
-from lockstep.training.profile import PHASES
+from lockstep.training.profile import PHASES, out_of_reach
 
 
 def test_profile_writes_the_phases_of_the_chosen_steps(tmp_path):
@@ -47,3 +47,12 @@ def test_profile_steps_in_the_wrong_order_are_refused_with_the_fix(tmp_path):
     raw = {"data": {"train": [{"path": "x.jsonl"}]}, "log": {"profile": [4, 2]}}
     with pytest.raises(ConfigError, match=r"log.profile=\[4, 2\].*write \[2, 4\]"):
         config.validate(raw)
+
+
+def test_profile_steps_the_run_never_reaches_are_named_with_what_to_write():
+    assert out_of_reach(None, 0, 10) is None
+    assert out_of_reach((3, 4), 0, 10) is None
+    assert out_of_reach((3, 6), 4, 10) is None  # a resume inside the range: steps 5-6 profiled
+    past = out_of_reach((3, 4), 6, 20)
+    assert "resumes after step 6" in past and "log.profile=[8, 9]" in past
+    assert "ends at step 10" in out_of_reach((12, 14), 0, 10)

@@ -55,9 +55,9 @@ What is measured, per run:
 
 * tokens/s: non-padding tokens / training-loop seconds (``all_tokens_per_s``; the whole
   records, prompt and answer, each tool's own count) and target tokens / training-loop seconds
-  (``tokens_per_s``; with the same records both give the same ratios). Target tokens are the positions that carry
-  loss (labels != -100 after the one-token shift), counted on every micro-batch the tool really
-  trained on: lockstep's metrics.jsonl ``target_tokens``; for TRL and LLaMA-Factory, counted in
+  (``tokens_per_s``; with the same records both give the same ratios). Target tokens are the
+  positions that carry loss (labels != -100 after the one-token shift), counted on every
+  micro-batch the tool really trained on: lockstep's metrics.jsonl ``target_tokens``; for TRL and LLaMA-Factory, counted in
   ``Trainer.training_step`` (hf_probe.py). The loop time is lockstep's ``elapsed_s`` at the last
   step (its clock starts once model and data are built), and for the peers the time from the
   Trainer's on_train_begin to the end of the last optimizer step (``train_runtime`` is kept in the

@@ -7,8 +7,8 @@ SPEC.json (written by run.py or dpo.py): model, data, output_dir, result, steps,
 max_length, lr, seed, method (full | lora), packing, lora {r, alpha, dropout}, and optionally
 sequential (read the records in file order, ``disable_shuffling``: run.py's cases without
 packing give lockstep's order) and dataset (its dataset_info.json name; default ``bench``); for
-preference training also stage: dpo, dataset (its dataset_info.json name), loss (``pref_loss``: sigmoid,
-simpo or orpo), beta (``pref_beta``) and gamma (``simpo_gamma``). Its DPO keeps its defaults
+preference training also stage: dpo, dataset, loss (``pref_loss``: sigmoid, simpo or orpo), beta
+(``pref_beta``) and gamma (``simpo_gamma``). Its DPO keeps its defaults
 otherwise: with full fine-tuning a second copy of the model is the reference, computed at every
 step; with LoRA the adapters are disabled; pairs are padded to the longest row of the
 micro-batch.

@@ -44,7 +44,7 @@ from lockstep.training.evaluate import eval_split
 from lockstep.training.objective import objective as objective_of
 from lockstep.training.optim import build_optimizer, build_scheduler
 from lockstep.training.options import RunOptions
-from lockstep.training.profile import Profile
+from lockstep.training.profile import Profile, out_of_reach
 from lockstep.training.state import Layout, LogWindow, Run, fingerprint_fields
 
 
@@ -119,6 +119,9 @@ def build(cfg: RunConfig, d: Dist, opts: RunOptions) -> Run | None:
         pin_memory=d.device.type == "cuda", rows=objective.rows,
     )  # fmt: skip
     out = Path(cfg.output_dir)
+    unprofiled = out_of_reach(cfg.log.profile, start_step, steps)
+    if unprofiled and d.is_main:
+        log.warning(unprofiled)
     metrics_file = out / (replay_name(data_rank, data_world) if opts.as_rank else "metrics.jsonl")
     if d.is_main:
         truncate_after(metrics_file, start_step)  # rows past the checkpoint: redone

@@ -125,6 +125,26 @@ class Profile:
             torch.cuda.synchronize(self.device)
 
 
+def out_of_reach(steps: tuple[int, int] | None, start_step: int, last_step: int) -> str | None:
+    """Why none of log.profile's steps will run in this process (steps done before it:
+    `start_step`; the run's last step: `last_step`), with what to write instead; None when one
+    will."""
+    if steps is None:
+        return None
+    first, last = steps
+    nearest = (start_step + 2, start_step + 3) if start_step + 3 <= last_step else None
+    instead = (
+        f"; profile later steps, e.g. log.profile=[{nearest[0]}, {nearest[1]}]" if nearest else ""
+    )
+    if last <= start_step:
+        return (f"log.profile=[{first}, {last}] profiles nothing: this run resumes after step "
+                f"{start_step}{instead}")  # fmt: skip
+    if first > last_step:
+        return (f"log.profile=[{first}, {last}] profiles nothing: the run ends at step "
+                f"{last_step}; choose steps up to {last_step}")  # fmt: skip
+    return None
+
+
 def top_ops(averages, key: str) -> list[dict]:
     """The heaviest operators by their own time (`key`: self CPU or self device time), the
     profiler's own ranges (lockstep's phases, ProfilerStep) left out."""
