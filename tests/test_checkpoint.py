@@ -171,6 +171,7 @@ def test_resume_never_refuses_existing_checkpoints_unless_overwrite(tmp_path):
     assert res.returncode == 0 and "resuming" not in res.stderr
 
 
+@pytest.mark.slow  # the default suite's 10 minutes; CI runs it
 def test_resume_cost_does_not_depend_on_the_step(tmp_path):
     """Resume at step 1,000,000 reads only the samples of the steps it trains."""
     cfg = small_config(tmp_path, train={"max_steps": 2}, log={"sample_ids": True})
@@ -404,6 +405,7 @@ def test_why_a_checkpoint_write_failed_in_words(tmp_path):
     assert why_not_written(too_big, tmp_path, free=1 << 40).startswith("file too large")
 
 
+@pytest.mark.slow  # the default suite's 10 minutes; CI runs it
 def test_resuming_with_another_thread_count_says_it_is_not_bit_exact(tmp_path):
     cfg = small_config(tmp_path, train={"max_steps": 2}, checkpoint={"every_steps": 2})
     assert run_cli("train", str(cfg), env={"OMP_NUM_THREADS": "1"}).returncode == 0

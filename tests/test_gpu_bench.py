@@ -215,6 +215,7 @@ def test_run_py_settings_are_a_valid_lockstep_config(tmp_path):
     assert cfg.train.compile
 
 
+@pytest.mark.slow  # the default suite's 10 minutes; CI runs it
 def test_lockstep_row_from_a_real_run(tmp_path):
     """run.py's lockstep run on this CPU, made small with --lockstep-set's overrides."""
     small = ["model.path=builtin:tiny", "data.max_length=64", "batch.global_size=4",

@@ -112,6 +112,7 @@ def test_ranks_out_of_lockstep_stop_before_the_reference_pass(tmp_path):
     assert "reference log-probabilities: computed" not in res.stderr
 
 
+@pytest.mark.slow  # the default suite's 10 minutes; CI runs it
 def test_precomputed_reference_is_reused_by_a_second_run_and_a_resume(tmp_path):
     cfg = pair_config(tmp_path, finetune=FULL, train={"max_steps": 2},
                       checkpoint={"every_steps": 1})  # fmt: skip
@@ -130,6 +131,7 @@ def test_precomputed_reference_is_reused_by_a_second_run_and_a_resume(tmp_path):
     assert [r["loss"] for r in train_rows(other)] == [r["loss"] for r in first]
 
 
+@pytest.mark.slow  # the default suite's 10 minutes; CI runs it
 def test_eval_pairs_are_scored_before_and_after_and_the_result_exports(tmp_path):
     data = {**PAIRS, "eval": [{"path": "builtin:demo_pairs_eval.jsonl", "format": "alpaca"}]}
     cfg = small_config(tmp_path, finetune=LORA, data=data, train={"max_steps": 2})
