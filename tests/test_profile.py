@@ -25,9 +25,10 @@ def test_profile_writes_the_phases_of_the_chosen_steps(tmp_path):
     # the phases never overlap: with what no phase holds, they add up to the profiled time
     assert sum(seconds.values()) == pytest.approx(summary["wall_s"], rel=1e-3)
     assert sum(summary["share"].values()) == pytest.approx(1.0, abs=1e-3)
-    assert summary["top_ops"] and all(
-        op["op"].startswith("aten::") for op in summary["top_ops"][:3]
-    )
+    # the model's matrix products are among the heaviest operators (autograd's and the
+    # optimizer's own ranges may be too)
+    assert "aten::mm" in [op["op"] for op in summary["top_ops"][:3]]
+    assert all(op["self_s"] >= 0 and op["calls"] > 0 for op in summary["top_ops"])
 
     events = json.loads((folder / "rank0.trace.json").read_text())["traceEvents"]
     ranges = [e["name"] for e in events if e.get("name", "").startswith("lockstep.")]
