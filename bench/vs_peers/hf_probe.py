@@ -16,6 +16,9 @@ lockstep. It measures the same things lockstep writes to metrics.jsonl:
   input rows, padding included (what the model really runs on).
 * losses: the logged loss of every optimizer step (logging_steps=1); logs: every logged row.
 * threads: torch's intra-op threads when the run ends.
+
+It also holds the Trainer settings both peers run with (``trainer_settings``), so the two
+runners cannot drift apart.
 """
 
 from __future__ import annotations
@@ -101,3 +104,28 @@ class Probe(TrainerCallback):
             **extra,
         }
         Path(path).write_text(json.dumps(result, indent=2))
+
+
+def trainer_settings(spec: dict) -> dict:
+    """The Hugging Face Trainer settings of both peers' runs, from run.py's spec: its steps,
+    batch, learning rate and seed; cosine without warmup, no weight decay, clipping 1.0, float32,
+    no workers, a log row every step, no checkpoints, no evaluation, no reporting."""
+    return {
+        "output_dir": spec["output_dir"],
+        "max_steps": spec["steps"],
+        "per_device_train_batch_size": spec["micro"],
+        "gradient_accumulation_steps": spec["accum"],
+        "learning_rate": spec["lr"],
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "seed": spec["seed"],
+        "bf16": False,
+        "fp16": False,
+        "dataloader_num_workers": 0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+    }

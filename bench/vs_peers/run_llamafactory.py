@@ -76,7 +76,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from hf_probe import Probe
+    from hf_probe import Probe, trainer_settings
 
     lora = spec["lora"]
     stage = {"stage": "sft", "dataset": spec.get("dataset", "bench")}
@@ -108,25 +108,9 @@ def main() -> None:
             if spec["method"] == "lora"
             else {}
         ),
-        "output_dir": spec["output_dir"],
+        **trainer_settings(spec),
         "overwrite_output_dir": True,
-        "per_device_train_batch_size": spec["micro"],
-        "gradient_accumulation_steps": spec["accum"],
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "max_steps": spec["steps"],
-        "seed": spec["seed"],
-        "bf16": False,
-        "fp16": False,
-        "dataloader_num_workers": 0,
         "disable_shuffling": spec.get("sequential", False),
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
         "plot_loss": False,
     }
     out = Path(spec["output_dir"])

@@ -39,7 +39,7 @@ from transformers import AutoTokenizer  # noqa: E402
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_probe import Probe  # noqa: E402
+from hf_probe import Probe, trainer_settings  # noqa: E402
 
 
 def to_messages(rec: dict) -> dict:
@@ -78,26 +78,10 @@ def lora_config(spec: dict) -> LoraConfig | None:
 def shared_args(spec: dict) -> dict:
     """The Trainer settings SFT and DPO runs share (see the module docstring)."""
     return {
-        "output_dir": spec["output_dir"],
-        "max_steps": spec["steps"],
-        "per_device_train_batch_size": spec["micro"],
-        "gradient_accumulation_steps": spec["accum"],
-        "learning_rate": spec["lr"],
-        "lr_scheduler_type": "cosine",
-        "warmup_steps": 0,
-        "weight_decay": 0.0,
-        "max_grad_norm": 1.0,
-        "seed": spec["seed"],
+        **trainer_settings(spec),
         "max_length": spec["max_length"],
         "gradient_checkpointing": False,
-        "bf16": False,
-        "fp16": False,
         "model_init_kwargs": {"dtype": "float32"},
-        "dataloader_num_workers": 0,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-        "report_to": "none",
     }
 
 
