@@ -106,11 +106,14 @@ def test_a_tool_without_time_is_skipped_and_one_that_fails_is_failed(tmp_path):
     assert row["status"] == "failed" and row["error"].splitlines() == ["exit 3", "boom"]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is not None, reason="trl is installed here")
 def test_a_python_without_trl_gives_a_skipped_row_with_the_reason(tmp_path):
-    row = bench.run_trl(sys.executable, tmp_path, tmp_path / "d.jsonl", 10, 100)
+    # this Python without its site-packages (-S): trl cannot be imported, installed here or not
+    bare = tmp_path / "python-without-site-packages"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    row = bench.run_trl(str(bare), tmp_path, tmp_path / "d.jsonl", 10, 100)
     assert row["status"] == "skipped" and "tokens_per_s" not in row
-    assert row["error"].startswith(f"skipped: {sys.executable} cannot import trl (")
+    assert row["error"].startswith(f"skipped: {bare} cannot import trl (")
     assert "No module named 'trl'" in row["error"] and "check.sh --prepare" in row["error"]
     # a Python that has it (here: a stand-in trl package on its path) is asked to run it
     fake = tmp_path / "site" / "trl"
@@ -252,9 +255,22 @@ def test_the_bench_case_on_a_cpu_fails_with_run_py_s_one_line(tmp_path):
     assert r.returncode == 2 and "--steps 2" in r.stderr.splitlines()[-1]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl is not installed here")
+def python_with_trl() -> str | None:
+    """A Python that imports trl: the TRL venv bench/vs_peers makes (`python3
+    bench/vs_peers/run.py --setup-only`), or this one where trl is installed; None: neither."""
+    venv = ROOT / "bench" / ".venvs" / "trl" / "bin" / "python"
+    if venv.is_file():
+        return str(venv)
+    return sys.executable if importlib.util.find_spec("trl") else None
+
+
+@pytest.mark.skipif(
+    python_with_trl() is None,
+    reason="TRL is a peer's tool, not a lockstep dependency: `python3 bench/vs_peers/run.py "
+    "--setup-only` makes its venv (bench/.venvs/trl), which this test then uses",
+)
 def test_trl_script_trains_and_counts_the_tokens_trl_counts(tmp_path):
-    """trl_gpu.py on this CPU (eager): where trl is installed, its report has TRL's numbers."""
+    """trl_gpu.py on this CPU (eager), in a Python with trl: its report has TRL's numbers."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(ROOT / "src/lockstep/model/builtin/tiny")
@@ -264,7 +280,7 @@ def test_trl_script_trains_and_counts_the_tokens_trl_counts(tmp_path):
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     out = tmp_path / "trl.json"
-    r = subprocess.run([sys.executable, str(GPU / "trl_gpu.py"), str(tmp_path / "model"),
+    r = subprocess.run([python_with_trl(), str(GPU / "trl_gpu.py"), str(tmp_path / "model"),
                         str(DEMO_DATA), str(out), "--steps=3", "--seq=256", "--micro=2",
                         "--accumulation=2", "--no-compile"],
                        capture_output=True, text=True, timeout=600)  # fmt: skip
